@@ -1,0 +1,42 @@
+"""Celery apps built from Settings: one for publishing (no result backend), one for the worker."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+from pool.config import Settings
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    scheme = settings.broker_url.split("://", 1)[0].lower()
+    if scheme == "filesystem":
+        folder = os.path.abspath(settings.broker_folder)
+        os.makedirs(folder, exist_ok=True)
+        # One folder for in and out, so producers and consumers in other processes meet.
+        return {"data_folder_in": folder, "data_folder_out": folder, "control_folder": folder}
+    if scheme in ("redis", "rediss"):
+        # A Redis that accepts TCP but never answers would block a publish for minutes.
+        return {"socket_timeout": 10, "socket_connect_timeout": 5, "max_retries": 1}
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        # A publish counts only once RabbitMQ confirmed it.
+        return {"confirm_publish": True, "max_retries": 1}
+    return {}
+
+
+def create_celery_app(settings: Settings, name: str = "pool") -> Celery:
+    app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_default_queue=settings.queue,
+        worker_hijack_root_logger=False,
+    )
+    return app

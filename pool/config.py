@@ -1,0 +1,183 @@
+"""One Settings object: defaults < environment (PULSE_*) < command-line flags, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pool.errors import ConfigError
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the seed-shaped columns of the signals table."""
+
+    id: str = "id"
+    name: str = "name"
+    value: str = "value"
+    source: str = "source"
+    timestamp: str = "timestamp"
+    processed: str = "processed"
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_url: str = "sqlite:///pulse_signals.db"
+    poll_interval: float = 1.0
+    broker_url: str = "filesystem://"
+    broker_folder: str = "pool_broker"
+    task_name: str = "ingest_and_score_signal"
+    queue: str = "celery"
+    batch_size: int = 500
+    lease_seconds: float = 60.0
+    workers: int = 1
+    metrics_port: int = 9200
+    metrics_host: str = "127.0.0.1"
+    table: str = "signals"
+    columns: Columns = field(default_factory=Columns)
+    log_level: str = "INFO"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+# setting name -> (environment variable, parser). Column names live under "column_<name>".
+ENVIRONMENT: dict[str, str] = {
+    "db_url": "PULSE_DB_URL",
+    "poll_interval": "PULSE_DB_POLL_INTERVAL",
+    "broker_url": "PULSE_BROKER_URL",
+    "broker_folder": "PULSE_BROKER_FOLDER",
+    "task_name": "PULSE_TASK_NAME",
+    "queue": "PULSE_QUEUE",
+    "batch_size": "PULSE_BATCH_SIZE",
+    "lease_seconds": "PULSE_LEASE_SECONDS",
+    "workers": "PULSE_WORKERS",
+    "metrics_port": "PULSE_METRICS_PORT",
+    "metrics_host": "PULSE_METRICS_HOST",
+    "table": "PULSE_DB_TABLE",
+    "log_level": "PULSE_LOG_LEVEL",
+    **{f"column_{c.name}": f"PULSE_DB_COLUMN_{c.name.upper()}" for c in dataclasses.fields(Columns)},
+}
+
+
+def _parse_int(env_name: str, raw: Any, minimum: int, maximum: int) -> int:
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{env_name} must be an integer, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{env_name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _parse_float(env_name: str, raw: Any, minimum: float, maximum: float) -> float:
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{env_name} must be a number, got {raw!r}") from None
+    if not minimum <= value <= maximum:  # also rejects NaN
+        raise ConfigError(f"{env_name} must be between {minimum} and {maximum}, got {raw!r}")
+    return value
+
+
+def _parse_identifier(env_name: str, raw: Any) -> str:
+    value = str(raw).strip()
+    if not IDENTIFIER.match(value):
+        raise ConfigError(
+            f"{env_name} must be a plain SQL identifier (letters, digits, _; not starting "
+            f"with a digit; at most 63 characters), got {value!r}"
+        )
+    return value
+
+
+def _parse_url(env_name: str, raw: Any, schemes: tuple[str, ...]) -> str:
+    value = str(raw).strip()
+    scheme, sep, _ = value.partition("://")
+    if not sep or not scheme:
+        raise ConfigError(f"{env_name} is not a URL (expected scheme://...)")
+    base_scheme = scheme.split("+", 1)[0].lower()
+    if base_scheme not in schemes:
+        raise ConfigError(
+            f"{env_name} has unsupported scheme {scheme!r}; expected one of {', '.join(schemes)}"
+        )
+    return value
+
+
+DB_SCHEMES = ("sqlite", "postgresql", "postgres")
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "filesystem", "memory")
+
+
+def _parse(key: str, raw: Any) -> Any:
+    env_name = ENVIRONMENT[key]
+    if key == "db_url":
+        return _parse_url(env_name, raw, DB_SCHEMES)
+    if key == "broker_url":
+        return _parse_url(env_name, raw, BROKER_SCHEMES)
+    if key == "poll_interval":
+        return _parse_float(env_name, raw, 0.001, 3600.0)
+    if key == "lease_seconds":
+        return _parse_float(env_name, raw, 1.0, 86400.0)
+    if key == "batch_size":
+        return _parse_int(env_name, raw, 1, 100_000)
+    if key == "workers":
+        return _parse_int(env_name, raw, 1, 256)
+    if key == "metrics_port":
+        return _parse_int(env_name, raw, 0, 65535)
+    if key == "table" or key.startswith("column_"):
+        return _parse_identifier(env_name, raw)
+    if key == "queue":
+        value = str(raw).strip()
+        if not QUEUE_NAME.match(value):
+            raise ConfigError(f"{env_name} must be 1-200 characters of A-Z a-z 0-9 _ . : -")
+        return value
+    if key == "task_name":
+        value = str(raw).strip()
+        if not value or any(ch.isspace() for ch in value):
+            raise ConfigError(f"{env_name} must be a non-empty task name without spaces")
+        return value
+    if key == "log_level":
+        value = str(raw).strip().upper()
+        if value not in LOG_LEVELS:
+            raise ConfigError(f"{env_name} must be one of {', '.join(LOG_LEVELS)}")
+        return value
+    value = str(raw).strip()
+    if not value:
+        raise ConfigError(f"{env_name} must not be empty")
+    return value
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Build Settings from defaults, then `environ`, then `overrides` (CLI flags; None = unset).
+
+    Raises ConfigError with a one-line message naming the offending variable.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for key, env_name in ENVIRONMENT.items():
+        if env_name in environ and environ[env_name] != "":
+            values[key] = _parse(key, environ[env_name])
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in ENVIRONMENT:
+            raise ValueError(f"unknown setting {key!r}")
+        values[key] = _parse(key, raw)
+
+    column_values = {
+        key.removeprefix("column_"): values.pop(key) for key in list(values) if key.startswith("column_")
+    }
+    columns = Columns(**column_values)
+    names = list(dataclasses.asdict(columns).values())
+    if len(set(names)) != len(names):
+        raise ConfigError("PULSE_DB_COLUMN_* names must all differ")
+    return Settings(columns=columns, **values)

@@ -1,0 +1,97 @@
+"""Turn a claimed row into the task's JSON-safe argument, or say exactly why it cannot be."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from pool.store import ClaimedRow
+
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
+
+
+class PayloadError(ValueError):
+    """This row cannot become a message; the other rows of its batch are not affected."""
+
+
+def task_id_for(row_id: int) -> str:
+    # Deterministic: a re-publish after a crash carries the same id, so consumers can dedupe.
+    return f"signal-{row_id}"
+
+
+def _number(field: str, value: Any) -> int | float | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float | Decimal):
+        number = float(value)
+        if not math.isfinite(number):
+            raise PayloadError(f"{field} is not a finite number ({value})")
+        return number
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise PayloadError(f"{field} is not a number ({value[:40]!r})") from None
+        if not math.isfinite(number):
+            raise PayloadError(f"{field} is not a finite number ({value[:40]!r})")
+        return number
+    raise PayloadError(f"{field} has unsupported type {type(value).__name__}")
+
+
+def _text(field: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PayloadError(f"{field} is not valid UTF-8") from None
+    if not isinstance(value, str):
+        value = str(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PayloadError(f"{field} holds characters that are not valid Unicode") from None
+    return value
+
+
+def _timestamp(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            # Naive times in the table are taken as UTC, as the database clock writes them.
+            value = value.replace(tzinfo=UTC)
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise PayloadError(f"timestamp is not a finite number ({value})")
+        return datetime.fromtimestamp(value, tz=UTC).isoformat()
+    text = _text("timestamp", value)
+    assert text is not None
+    try:
+        return _timestamp(datetime.fromisoformat(text))
+    except ValueError:
+        raise PayloadError(f"timestamp is not an ISO-8601 time ({text[:40]!r})") from None
+
+
+def build_payload(row: ClaimedRow, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """The task argument for `row`: {"id", "name", "value", "source", "timestamp"}."""
+    payload = {
+        "id": row.id,
+        "name": _text("name", row.name),
+        "value": _number("value", row.value),
+        "source": _text("source", row.source),
+        "timestamp": _timestamp(row.timestamp),
+    }
+    size = len(json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8"))
+    if size > max_bytes:
+        raise PayloadError(f"payload is {size} bytes, over the {max_bytes}-byte maximum")
+    return payload

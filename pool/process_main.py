@@ -1,0 +1,79 @@
+"""Entry points of the child processes that `pool start` spawns: pollers and the coordinator."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from multiprocessing.queues import Queue
+from typing import Any
+
+from pool.config import Settings
+from pool.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def _handler(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            return
+        log.info("received %s: finishing the in-flight batch", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    # The supervisor blocks these while spawning, and a spawned child inherits that mask.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def poller_main(settings: Settings, index: int, shard_count: int, events: Queue) -> None:
+    """Claim -> publish -> ack until SIGTERM/SIGINT; the in-flight batch is always finished."""
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    setup_logging(settings.log_level, f"poller-{index}")
+    # Imported here, after the supervisor set PROMETHEUS_MULTIPROC_DIR, and after fork.
+    from pool.metrics import PrometheusHooks
+    from pool.poller import Poller, PollerIdentity
+    from pool.publisher import Publisher
+    from pool.store import open_store
+
+    store = open_store(settings)
+    publisher = Publisher(settings)
+    identity = PollerIdentity(
+        owner=f"{socket.gethostname()}:{os.getpid()}:{index}", index=index, shard_count=shard_count
+    )
+    poller = Poller(
+        store, publisher, identity, settings.batch_size, settings.lease_seconds,
+        settings.poll_interval, stop, PrometheusHooks(index),
+    )
+    events.put(("ready", f"poller-{index}", os.getpid(), None))
+    try:
+        poller.run()
+    finally:
+        publisher.close()
+        store.close()
+    log.info("stopped")
+
+
+def coordinator_main(settings: Settings, events: Queue) -> None:
+    """Serve /metrics aggregated over every poller process until told to stop."""
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    setup_logging(settings.log_level, "coordinator")
+    from pool.coordinator import serve_metrics
+
+    try:
+        server = serve_metrics(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        events.put((
+            "fatal", "coordinator", os.getpid(),
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror};"
+            " set PULSE_METRICS_PORT or --metrics-port",
+        ))
+        return
+    events.put(("ready", "coordinator", os.getpid(), server.server_port))
+    stop.wait()
+    server.shutdown()

@@ -1,0 +1,93 @@
+"""Celery task messages onto the broker; a row counts as published only once the broker accepted it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kombu.exceptions import KombuError, OperationalError
+
+from pool.broker import create_celery_app
+from pool.config import Settings
+from pool.payload import DEFAULT_MAX_PAYLOAD_BYTES, PayloadError, build_payload, task_id_for
+from pool.redact import redact_text
+from pool.store import ClaimedRow
+
+log = logging.getLogger(__name__)
+
+# Errors that say the broker (not this row) is the problem: the rest of the batch is not tried.
+CONNECTION_ERRORS = (OperationalError, ConnectionError, OSError, TimeoutError)
+
+
+@dataclass
+class PublishResult:
+    accepted: list[int] = field(default_factory=list)
+    # row id -> why this row can never be published as it is (bad input)
+    rejected: dict[int, str] = field(default_factory=dict)
+    # rows not accepted because the broker failed; they are released, not charged an attempt
+    unsent: list[int] = field(default_factory=list)
+    broker_error: str | None = None
+
+
+class Publisher:
+    """Publishes claimed rows as `settings.task_name` tasks with task id `signal-<id>`."""
+
+    def __init__(self, settings: Settings, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        self.settings = settings
+        self.max_payload_bytes = max_payload_bytes
+        self.app = create_celery_app(settings)
+        self._connection = None
+        self._producer = None
+
+    def _get_producer(self):
+        if self._producer is None:
+            self._connection = self.app.connection_for_write()
+            self._connection.ensure_connection(max_retries=1)
+            self._producer = self.app.amqp.Producer(self._connection, auto_declare=True)
+        return self._producer
+
+    def _reset(self) -> None:
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            # A broken connection may fail to close too; it is being dropped either way.
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def publish(self, rows: Sequence[ClaimedRow]) -> PublishResult:
+        result = PublishResult()
+        for position, row in enumerate(rows):
+            try:
+                payload = build_payload(row, self.max_payload_bytes)
+            except PayloadError as exc:
+                result.rejected[row.id] = str(exc)
+                continue
+            try:
+                self.app.send_task(
+                    self.settings.task_name,
+                    args=[payload],
+                    task_id=task_id_for(row.id),
+                    queue=self.settings.queue,
+                    producer=self._get_producer(),
+                    retry=False,
+                    add_to_parent=False,
+                )
+            except CONNECTION_ERRORS as exc:
+                result.broker_error = self._describe(exc)
+                result.unsent.extend(r.id for r in rows[position:])
+                self._reset()
+                break
+            except (KombuError, TypeError, ValueError) as exc:
+                # The broker took the connection fine but refused or could not encode this row.
+                result.rejected[row.id] = self._describe(exc)
+                continue
+            result.accepted.append(row.id)
+        return result
+
+    def _describe(self, exc: BaseException) -> str:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return redact_text(message, self.settings.broker_url)
+
+    def close(self) -> None:
+        self._reset()

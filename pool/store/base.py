@@ -1,0 +1,243 @@
+"""The Store seam: what the relay needs from a database, and the SQL both dialects share."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import TextClause, bindparam, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, NoSuchTableError
+
+from pool.config import Settings
+from pool.errors import ConfigError
+from pool.redact import redact_url
+
+# Columns the relay adds beside the seed-shaped ones; names are fixed so that tools and
+# dashboards agree on them whatever the user's own column names are.
+RELAY_COLUMNS = ("lease_owner", "lease_until", "lease_token", "attempts", "next_attempt_at", "last_error")
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    id: int
+    name: Any
+    value: Any
+    source: Any
+    timestamp: Any
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a claimed batch: acks and nacks only touch rows that still carry both."""
+
+    owner: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    lease: Lease
+    rows: list[ClaimedRow]
+
+
+@dataclass(frozen=True)
+class Counts:
+    processed: int
+    unprocessed: int
+
+
+@dataclass(frozen=True)
+class SchemaChanges:
+    created_table: bool
+    added_columns: tuple[str, ...]
+    created_indexes: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        return self.created_table or bool(self.added_columns) or bool(self.created_indexes)
+
+
+def index_name(table: str, suffix: str) -> str:
+    # PostgreSQL truncates names to 63 bytes; truncating here keeps existence checks exact.
+    return f"{table[: 63 - len(suffix) - 1]}_{suffix}"
+
+
+def new_lease(owner: str) -> Lease:
+    # A fresh random token per claim: a poller that lost its lease to another one can no
+    # longer match (owner, token), even if it reuses the same owner name after a restart.
+    return Lease(owner=owner, token=secrets.randbits(62))
+
+
+class SqlStore:
+    """SQL shared by PostgreSQL and SQLite; subclasses supply what differs."""
+
+    dialect_name = ""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        quote = engine.dialect.identifier_preparer.quote
+        self.q = quote
+        cols = settings.columns
+        self.t = quote(settings.table)
+        self.c_id = quote(cols.id)
+        self.c_processed = quote(cols.processed)
+        self.payload_columns = ", ".join(
+            quote(c) for c in (cols.id, cols.name, cols.value, cols.source, cols.timestamp)
+        )
+
+    # --- dialect hooks -------------------------------------------------------------
+    def _now(self) -> str:
+        raise NotImplementedError
+
+    def _plus_seconds(self, param: str) -> str:
+        raise NotImplementedError
+
+    def _existing_columns(self, conn: Connection) -> set[str] | None:
+        raise NotImplementedError
+
+    def claim(self, owner: str, shard_count: int, shard: int, limit: int, lease_seconds: float) -> Claim:
+        raise NotImplementedError
+
+    def _create_table_sql(self) -> str:
+        raise NotImplementedError
+
+    def _index_exists(self, conn: Connection, name: str) -> bool:
+        raise NotImplementedError
+
+    def _lock_schema(self, conn: Connection) -> None:
+        """Serialise concurrent init-db runs where the database needs it."""
+
+    def insert_signals(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------
+    relay_column_types: Mapping[str, str] = {}
+
+    def init_schema(self) -> SchemaChanges:
+        """Create the table, or add the relay's columns and index to an existing one.
+
+        Existing rows are left as they are; a second run finds nothing to do."""
+        settings = self.settings
+        with self.engine.begin() as conn:
+            self._lock_schema(conn)
+            existing = self._existing_columns(conn)
+            created = existing is None
+            if created:
+                conn.execute(text(self._create_table_sql()))
+                existing = self._existing_columns(conn) or set()
+            added = tuple(name for name in self.relay_column_types if name not in existing)
+            for name in added:
+                column_type = self.relay_column_types[name]
+                conn.execute(text(f"ALTER TABLE {self.t} ADD COLUMN {self.q(name)} {column_type}"))
+            pending = index_name(settings.table, "pool_pending")
+            indexes: tuple[str, ...] = ()
+            if not self._index_exists(conn, pending):
+                # Partial index: the claim walks only unprocessed rows in id order, so it
+                # stays index-driven however many processed rows pile up.
+                conn.execute(text(
+                    f"CREATE INDEX {self.q(pending)} ON {self.t} ({self.c_id}) WHERE {self.c_processed} = 0"
+                ))
+                indexes = (pending,)
+        return SchemaChanges(
+            created_table=created, added_columns=() if created else added, created_indexes=indexes
+        )
+
+    def _ids_clause(self) -> str:
+        return f"{self.c_id} IN :ids"
+
+    def _ids_statement(self, sql: str) -> TextClause:
+        return text(sql).bindparams(bindparam("ids", expanding=True))
+
+    def _execute_for_ids(self, sql: str, ids: Iterable[int], params: dict[str, Any]) -> int:
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self.engine.begin() as conn:
+            return conn.execute(self._ids_statement(sql), {"ids": ids, **params}).rowcount
+
+    def ack(self, lease: Lease, ids: Iterable[int]) -> int:
+        """Mark rows processed, only where this lease still holds them. Returns rows marked."""
+        sql = (
+            f"UPDATE {self.t} SET {self.c_processed} = 1, lease_owner = NULL, lease_until = NULL,"
+            f" last_error = NULL"
+            f" WHERE {self._ids_clause()} AND lease_owner = :owner AND lease_token = :token"
+        )
+        return self._execute_for_ids(sql, ids, {"owner": lease.owner, "token": lease.token})
+
+    def release(self, lease: Lease, ids: Iterable[int]) -> int:
+        """Give rows back unpublished so any poller can claim them at once."""
+        sql = (
+            f"UPDATE {self.t} SET lease_owner = NULL, lease_until = NULL"
+            f" WHERE {self._ids_clause()} AND lease_owner = :owner AND lease_token = :token"
+        )
+        return self._execute_for_ids(sql, ids, {"owner": lease.owner, "token": lease.token})
+
+    def nack(self, lease: Lease, failures: Mapping[int, str], retry_delay: float) -> int:
+        """Record a failed publish: attempts + 1, the error, and when to try again."""
+        if not failures:
+            return 0
+        sql = (
+            f"UPDATE {self.t} SET attempts = attempts + 1, last_error = :error,"
+            f" next_attempt_at = {self._plus_seconds('delay')},"
+            f" lease_owner = NULL, lease_until = NULL"
+            f" WHERE {self.c_id} = :id AND lease_owner = :owner AND lease_token = :token"
+        )
+        params = [
+            {"id": row_id, "error": error[:2000], "delay": retry_delay,
+             "owner": lease.owner, "token": lease.token}
+            for row_id, error in failures.items()
+        ]
+        with self.engine.begin() as conn:
+            result = conn.execute(text(sql), params)
+            return result.rowcount
+
+    def counts(self) -> Counts:
+        sql = (
+            f"SELECT COALESCE(SUM(CASE WHEN {self.c_processed} = 1 THEN 1 ELSE 0 END), 0),"
+            f" COALESCE(SUM(CASE WHEN {self.c_processed} = 0 THEN 1 ELSE 0 END), 0) FROM {self.t}"
+        )
+        with self.engine.connect() as conn:
+            processed, unprocessed = conn.execute(text(sql)).one()
+        return Counts(processed=int(processed), unprocessed=int(unprocessed))
+
+    def db_now(self) -> datetime | str:
+        with self.engine.connect() as conn:
+            return conn.execute(text(f"SELECT {self._now()}")).scalar_one()
+
+    def check_schema(self) -> None:
+        """Fail with a ConfigError naming what is missing, before any poller starts."""
+        try:
+            with self.engine.connect() as conn:
+                existing = self._existing_columns(conn)
+        except (DBAPIError, NoSuchTableError) as exc:
+            raise ConfigError(
+                f"cannot reach database {redact_url(self.settings.db_url)}: {first_line(exc)}"
+            ) from None
+        if existing is None:
+            raise ConfigError(
+                f"table {self.settings.table!r} not found in {redact_url(self.settings.db_url)};"
+                " run `pool init-db` first"
+            )
+        needed = [*vars(self.settings.columns).values(), *RELAY_COLUMNS]
+        missing = [c for c in needed if c not in existing]
+        if missing:
+            raise ConfigError(
+                f"table {self.settings.table!r} lacks column(s) {', '.join(missing)};"
+                " run `pool init-db` to add the relay's columns"
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def first_line(exc: BaseException) -> str:
+    """A driver error's first line, which names the problem without SQL or parameters."""
+    inner = getattr(exc, "orig", None) or exc
+    lines = str(inner).strip().splitlines()
+    return lines[0] if lines else type(inner).__name__

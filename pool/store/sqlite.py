@@ -1,0 +1,122 @@
+"""SQLite store: BEGIN IMMEDIATE + UPDATE ... RETURNING, WAL, a busy timeout."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, Engine
+
+from pool.store.base import Claim, ClaimedRow, SqlStore, new_lease
+
+# Times are stored as UTC text in one fixed format so that they compare as strings.
+NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+RELAY_COLUMN_TYPES = {
+    "lease_owner": "TEXT",
+    "lease_until": "TEXT",
+    "lease_token": "INTEGER",
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "next_attempt_at": "TEXT",
+    "last_error": "TEXT",
+}
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+def configure_sqlite_engine(engine: Engine) -> None:
+    """WAL and immediate transactions: deferred ones fail at once with 'database is locked'
+    when two pollers upgrade read locks to write locks together."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Python's sqlite3 would otherwise open its own deferred transactions.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class SqliteStore(SqlStore):
+    dialect_name = "sqlite"
+    relay_column_types = RELAY_COLUMN_TYPES
+
+    def _index_exists(self, conn: Connection, name: str) -> bool:
+        found = conn.execute(
+            text("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = :i"), {"i": name}
+        ).first()
+        return found is not None
+
+    def _create_table_sql(self) -> str:
+        c = self.settings.columns
+        q = self.q
+        return f"""
+            CREATE TABLE {self.t} (
+                {q(c.id)} INTEGER PRIMARY KEY,
+                {q(c.name)} TEXT,
+                {q(c.value)} REAL,
+                {q(c.source)} TEXT,
+                {q(c.timestamp)} TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+                {q(c.processed)} INTEGER NOT NULL DEFAULT 0
+            )"""
+
+    def _now(self) -> str:
+        return NOW
+
+    def _plus_seconds(self, param: str) -> str:
+        return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || :{param} || ' seconds')"
+
+    def _existing_columns(self, conn: Connection) -> set[str] | None:
+        rows = conn.execute(text(f"PRAGMA table_info({self.t})")).all()
+        return {r[1] for r in rows} or None
+
+    def claim(self, owner: str, shard_count: int, shard: int, limit: int, lease_seconds: float) -> Claim:
+        lease = new_lease(owner)
+        c = self.settings.columns
+        q = self.q
+        sql = f"""
+            UPDATE {self.t}
+               SET lease_owner = :owner, lease_token = :token,
+                   lease_until = {self._plus_seconds('lease')}
+             WHERE {self.c_id} IN (
+                SELECT {self.c_id} FROM {self.t}
+                 WHERE {self.c_processed} = 0
+                   AND {self.c_id} % :shard_count = :shard
+                   -- re-pick rule: free when unleased or when its lease ran out
+                   AND (lease_until IS NULL OR lease_until < {NOW})
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})
+                 ORDER BY {self.c_id}
+                 LIMIT :limit)
+            RETURNING {q(c.id)}, {q(c.name)}, {q(c.value)}, {q(c.source)}, {q(c.timestamp)}, attempts
+        """
+        params = {
+            "shard_count": shard_count, "shard": shard, "limit": limit,
+            "owner": lease.owner, "token": lease.token, "lease": lease_seconds,
+        }
+        with self.engine.begin() as conn:
+            rows = conn.execute(text(sql), params).all()
+        claimed = sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
+        return Claim(lease=lease, rows=claimed)
+
+    def insert_signals(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        c = self.settings.columns
+        q = self.q
+        sql = (
+            f"INSERT INTO {self.t} ({q(c.name)}, {q(c.value)}, {q(c.source)}, {q(c.timestamp)})"
+            " VALUES (:name, :value, :source, :timestamp)"
+        )
+        params = [
+            {**row, "timestamp": row["timestamp"].isoformat()
+             if hasattr(row["timestamp"], "isoformat") else row["timestamp"]}
+            for row in rows
+        ]
+        with self.engine.begin() as conn:
+            conn.execute(text(sql), params)
+        return len(rows)

@@ -1,0 +1,239 @@
+"""`pool start`: spawn N pollers and one coordinator, restart the ones that die, drain on SIGTERM.
+
+Exit codes: 0 graceful stop, 1 a child could not start, 2 configuration error,
+3 stopped at once by a second signal (in-flight batches were abandoned; their leases expire).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from pool.config import Settings
+from pool.coordinator import reset_metrics_dir
+from pool.errors import ConfigError
+from pool.process_main import coordinator_main, poller_main
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CHILD_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_FORCED = 3
+
+READY_TIMEOUT = 60.0
+RESTART_DELAY_CAP = 30.0
+# A child that lived at least this long is considered healthy; its restart delay starts over.
+HEALTHY_LIFETIME = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    target: Any
+    args: tuple
+    process: BaseProcess | None = None
+    started_at: float = 0.0
+    restart_delay: float = 0.0
+    restart_at: float | None = None
+    pids: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, shutdown_timeout: float = 30.0) -> None:
+        self.settings = settings
+        self.shutdown_timeout = shutdown_timeout
+        self.ctx = multiprocessing.get_context("spawn")
+        self.events = self.ctx.Queue()
+        self.signals_seen = 0
+        self.metrics_port: int | None = None
+        self.stop_deadline = float("inf")
+        self.children: list[Child] = []
+
+    # --- signals -----------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals_seen += 1
+        if self.signals_seen == 1:
+            self.stop_deadline = time.monotonic() + self.shutdown_timeout
+            log.info("received %s: draining (send it again to stop at once)", signal.Signals(signum).name)
+            for child in self.children:
+                self._signal_child(child, signal.SIGTERM)
+        else:
+            log.warning("second signal: stopping at once")
+            for child in self.children:
+                self._signal_child(child, signal.SIGKILL)
+
+    @staticmethod
+    def _signal_child(child: Child, signum: int) -> None:
+        if child.process is not None and child.process.pid and child.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.process.pid, signum)
+
+    @property
+    def stopping(self) -> bool:
+        return self.signals_seen > 0
+
+    # --- children ----------------------------------------------------------------
+    def _start(self, child: Child) -> None:
+        # Block signals while spawning so a SIGTERM cannot land between start() and bookkeeping.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            process = self.ctx.Process(target=child.target, args=child.args, name=child.name)
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        child.process = process
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        child.pids.append(process.pid)
+
+    def _wait_ready(self, count: int) -> int:
+        """Wait for `count` ready events; returns an exit code if a child failed to come up."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        ready = 0
+        while ready < count:
+            if self.stopping:
+                return EXIT_OK
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.error("children did not report ready within %.0f s", READY_TIMEOUT)
+                return EXIT_CHILD_FAILED
+            try:
+                kind, name, _pid, detail = self.events.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                dead = [c.name for c in self.children if c.process and c.process.exitcode is not None]
+                if dead:
+                    log.error("%s exited before it was ready", ", ".join(dead))
+                    return EXIT_CHILD_FAILED
+                continue
+            if kind == "fatal":
+                log.error("%s: %s", name, detail)
+                return EXIT_CONFIG
+            if name == "coordinator":
+                self.metrics_port = detail
+            ready += 1
+        return EXIT_OK
+
+    def _reap(self, child: Child) -> None:
+        process = child.process
+        assert process is not None
+        process.join()
+        code = process.exitcode
+        # The dead pid's live-gauge files go; its counters stay so that totals never drop.
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(process.pid)
+        if self.stopping:
+            return
+        lived = time.monotonic() - child.started_at
+        if lived >= HEALTHY_LIFETIME:
+            child.restart_delay = 0.0
+        log.warning("%s (pid %d) exited with code %s after %.1f s; restarting in %.1f s",
+                    child.name, process.pid, code, lived, child.restart_delay)
+        child.restart_at = time.monotonic() + child.restart_delay
+        child.restart_delay = min(max(child.restart_delay * 2, 0.5), RESTART_DELAY_CAP)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                kind, name, pid, detail = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "ready":
+                log.info("%s (pid %d) ready again", name, pid)
+            else:
+                log.error("%s: %s", name, detail)
+
+    def _stop_all(self, deadline: float) -> bool:
+        """SIGTERM everyone, wait until `deadline`; returns True if all stopped in time."""
+        for child in self.children:
+            self._signal_child(child, signal.SIGTERM)
+        for child in self.children:
+            if child.process is not None:
+                child.process.join(max(0.0, deadline - time.monotonic()))
+        late = [c for c in self.children if c.process is not None and c.process.exitcode is None]
+        for child in late:
+            log.warning("%s did not stop within the shutdown timeout; killing it", child.name)
+            self._signal_child(child, signal.SIGKILL)
+            child.process.join()
+        return not late
+
+    # --- main ----------------------------------------------------------------------
+    def run(self) -> int:
+        settings = self.settings
+        owned_dir = None
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not metrics_dir:
+            metrics_dir = owned_dir = tempfile.mkdtemp(prefix="pool-metrics-")
+        reset_metrics_dir(metrics_dir)
+        # Children inherit this environment; it must be set before they import prometheus_client.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+        self.children.append(Child("coordinator", coordinator_main, (settings, self.events)))
+        for index in range(settings.workers):
+            self.children.append(
+                Child(f"poller-{index}", poller_main, (settings, index, settings.workers, self.events))
+            )
+        try:
+            for child in self.children:
+                self._start(child)
+            code = self._wait_ready(len(self.children))
+            if code != EXIT_OK:
+                self._stop_all(time.monotonic() + self.shutdown_timeout)
+                return code
+            if not self.stopping:
+                log.info(
+                    "ready: %d pollers, metrics on http://%s:%s/metrics",
+                    settings.workers, settings.metrics_host, self.metrics_port,
+                )
+                self._watch_until_stopped()
+            clean = self._stop_all(self.stop_deadline)
+            if self.signals_seen > 1:
+                return EXIT_FORCED
+            log.info("stopped")
+            return EXIT_OK if clean else EXIT_FORCED
+        finally:
+            if owned_dir:
+                shutil.rmtree(owned_dir, ignore_errors=True)
+
+    def _watch_until_stopped(self) -> None:
+        while True:
+            self._watch_step()
+            if self.stopping:
+                alive = [c for c in self.children if c.process is not None and c.process.exitcode is None]
+                if not alive or time.monotonic() >= self.stop_deadline:
+                    return
+
+    def _watch_step(self) -> None:
+        alive = [c for c in self.children if c.process is not None and c.process.exitcode is None]
+        wait([c.process.sentinel for c in alive], timeout=0.5)
+        self._drain_events()
+        now = time.monotonic()
+        for child in self.children:
+            process = child.process
+            if process is not None and process.exitcode is not None and child.restart_at is None:
+                self._reap(child)
+                if self.stopping:
+                    child.process = None
+            elif child.restart_at is not None and now >= child.restart_at and not self.stopping:
+                self._start(child)
+
+
+def run_supervisor(settings: Settings, shutdown_timeout: float) -> int:
+    if shutdown_timeout <= 0:
+        raise ConfigError("--shutdown-timeout must be positive")
+    return Supervisor(settings, shutdown_timeout).run()
