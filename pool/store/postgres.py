@@ -110,10 +110,9 @@ class PostgresStore(SqlStore):
         copy_sql = (
             f"COPY {self.t} ({q(c.name)}, {q(c.value)}, {q(c.source)}, {q(c.timestamp)}) FROM STDIN"
         )
-        with self.engine.connect() as conn:
+        with self.engine.begin() as conn:
             driver = conn.connection.driver_connection
             with driver.cursor() as cursor, cursor.copy(copy_sql) as copy:
                 for row in rows:
                     copy.write_row((row["name"], row["value"], row["source"], row["timestamp"]))
-            conn.commit()
         return len(rows)

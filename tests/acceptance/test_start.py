@@ -1,0 +1,149 @@
+"""`pool start --workers 4` as a user runs it: every row relayed once, SIGTERM exits 0."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import sqlite3
+import urllib.request
+from collections import Counter
+from contextlib import closing
+
+import psycopg
+
+from tests.helpers import (
+    PoolProcess,
+    clean_env,
+    filesystem_messages,
+    redis_messages,
+    run_pool,
+    wait_until,
+)
+
+ROWS = 5_000
+
+
+def counts(run_env, cwd) -> dict:
+    import json
+
+    result = run_pool("status", "--json", env=run_env, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def scrape(port: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    totals: Counter[str] = Counter()
+    for line in text.splitlines():
+        if match := re.match(r"^(pool_signals_\w+_total)\{[^}]*\} ([0-9.e+]+)$", line):
+            totals[match[1]] += float(match[2])
+    return totals
+
+
+def relay_and_stop(env, cwd) -> PoolProcess:
+    """Start pool, wait for every row to be processed, check metrics, SIGTERM; returns the process."""
+    pool = PoolProcess("start", "--workers", "4", "--metrics-port", "0", env=env, cwd=cwd)
+    try:
+        port = pool.wait_for_line(r"ready: 4 pollers, metrics on http://127\.0\.0\.1:(\d+)/metrics")[1]
+        wait_until(lambda: counts(env, cwd)["unprocessed"] == 0, timeout=180, interval=0.5,
+                   message="all rows processed")
+        assert counts(env, cwd) == {"processed": ROWS, "unprocessed": 0}
+        totals = scrape(port)
+        assert totals["pool_signals_acked_total"] == ROWS
+        assert totals["pool_signals_published_total"] == ROWS
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(timeout=60) == 0, pool.output()
+    finally:
+        pool.kill()
+    assert "Traceback" not in pool.output()
+    return pool
+
+
+def assert_each_task_once(messages) -> None:
+    ids = Counter(m["id"] for m in messages)
+    assert len(messages) == ROWS
+    assert set(ids) == {f"signal-{i}" for i in range(1, ROWS + 1)}
+    assert max(ids.values()) == 1
+    assert {m["task"] for m in messages} == {"ingest_and_score_signal"}
+
+
+def test_postgres_and_redis(pg_url, redis_url, queue_name, tmp_path):
+    env = clean_env(PULSE_DB_URL=pg_url, PULSE_BROKER_URL=redis_url, PULSE_QUEUE=queue_name)
+    seeded = run_pool("seed", "--count", str(ROWS), env=env, cwd=tmp_path)
+    assert seeded.returncode == 0, seeded.stderr
+    relay_and_stop(env, tmp_path)
+    assert_each_task_once(redis_messages(redis_url, queue_name))
+
+
+def test_embedded_default_needs_no_configuration(tmp_path):
+    env = clean_env()
+    seeded = run_pool("seed", "--count", str(ROWS), env=env, cwd=tmp_path)
+    assert seeded.returncode == 0, seeded.stderr
+    assert (tmp_path / "pulse_signals.db").exists()
+    relay_and_stop(env, tmp_path)
+    assert_each_task_once(filesystem_messages(tmp_path / "pool_broker"))
+
+
+def test_a_seed_shaped_table_made_by_plain_sql_is_taken_over_and_relayed(pg_url, redis_url, queue_name,
+                                                                          tmp_path):
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("""CREATE TABLE signals (id SERIAL PRIMARY KEY, name VARCHAR(255), value FLOAT,
+                        source VARCHAR(255), timestamp TIMESTAMP, processed INTEGER DEFAULT 0)""")
+        with conn.cursor().copy("COPY signals (name, value, source, timestamp) FROM STDIN") as copy:
+            for i in range(ROWS):
+                copy.write_row((f"legacy-{i}", i / 7, "sensor", "2025-06-01 12:00:00"))
+    env = clean_env(PULSE_DB_URL=pg_url, PULSE_BROKER_URL=redis_url, PULSE_QUEUE=queue_name)
+
+    refused = run_pool("start", "--workers", "1", env=env, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "run `pool init-db`" in refused.stderr and "Traceback" not in refused.stderr
+
+    prepared = run_pool("init-db", env=env, cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "added column(s)" in prepared.stdout
+    relay_and_stop(env, tmp_path)
+    messages = redis_messages(redis_url, queue_name)
+    assert_each_task_once(messages)
+    sample = next(m for m in messages if m["id"] == "signal-8")["args"][0]
+    assert sample == {"id": 8, "name": "legacy-7", "value": 1.0, "source": "sensor",
+                      "timestamp": "2025-06-01T12:00:00+00:00"}
+
+
+def test_sigint_drains_idle_pollers_and_exits_0(tmp_path):
+    env = clean_env()
+    assert run_pool("init-db", env=env, cwd=tmp_path).returncode == 0
+    pool = PoolProcess("start", "--workers", "2", "--metrics-port", "0", env=env, cwd=tmp_path)
+    try:
+        pool.wait_for_line(r"ready: 2 pollers")
+        pool.signal(signal.SIGINT)
+        assert pool.wait(timeout=60) == 0, pool.output()
+    finally:
+        pool.kill()
+
+
+def test_a_second_signal_stops_at_once_even_with_a_batch_in_flight(tmp_path):
+    # A broker that accepts connections but never answers keeps the poller inside a publish.
+    with socket.create_server(("127.0.0.1", 0)) as silent_broker:
+        port = silent_broker.getsockname()[1]
+        env = clean_env(PULSE_BROKER_URL=f"redis://127.0.0.1:{port}/0")
+        assert run_pool("seed", "--count", "10", env=env, cwd=tmp_path).returncode == 0
+        pool = PoolProcess("start", "--workers", "1", "--metrics-port", "0", "--shutdown-timeout", "120",
+                           env=env, cwd=tmp_path)
+        try:
+            pool.wait_for_line(r"ready: 1 pollers")
+            wait_until(lambda: leased_rows(tmp_path / "pulse_signals.db") > 0, timeout=30,
+                       message="a batch in flight")
+            pool.signal(signal.SIGTERM)
+            pool.wait_for_line(r"draining")
+            pool.signal(signal.SIGTERM)
+            code = pool.wait(timeout=30)
+        finally:
+            pool.kill()
+    assert code == 3, pool.output()
+    assert counts(env, tmp_path) == {"processed": 0, "unprocessed": 10}
+
+
+def leased_rows(db_path) -> int:
+    with closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute("SELECT COUNT(*) FROM signals WHERE lease_owner IS NOT NULL").fetchone()[0]

@@ -1,0 +1,81 @@
+"""Fixtures for real services. Locally a missing service skips; under CI=true it fails."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+
+PG_BASE = os.environ.get("POOL_TEST_PG", "postgresql://root@127.0.0.1:5432/test")
+REDIS_HOST = os.environ.get("POOL_TEST_REDIS", "127.0.0.1:6379")
+RABBIT_URL = os.environ.get("POOL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+
+_redis_numbers = itertools.cycle(range(1, 16))
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    if _reachable(host, port):
+        return
+    message = f"{name} is not reachable on {host}:{port}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI=true: a missing service is a failure)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped after the test."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_BASE, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    yield f"{PG_BASE}?options={quote(f'-csearch_path={schema}')}"
+    with psycopg.connect(PG_BASE, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis URL on a database number of its own, empty at the start."""
+    host, port = REDIS_HOST.split(":")
+    require_service("Redis", host, int(port))
+    import redis
+
+    number = next(_redis_numbers)
+    url = f"redis://{REDIS_HOST}/{number}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    return RABBIT_URL
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'signals.db'}"
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"q_{uuid.uuid4().hex[:10]}"

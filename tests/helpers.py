@@ -1,0 +1,128 @@
+"""Test helpers: the pool CLI as a subprocess, and reading Celery messages off a broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+POOL = [sys.executable, "-m", "pool"]
+
+
+def clean_env(**pulse: str) -> dict[str, str]:
+    """The test process's environment without PULSE_* settings, plus the given ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "PROMETHEUS_"))}
+    env.update(pulse)
+    return env
+
+
+def run_pool(*args: str, env: Mapping[str, str], cwd: Path | str | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*POOL, *args], env=dict(env), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class PoolProcess:
+    """A long-running pool command whose combined output is read line by line."""
+
+    def __init__(self, *args: str, env: Mapping[str, str], cwd: Path | str | None = None) -> None:
+        self.lines: list[str] = []
+        self._new: queue.Queue[str] = queue.Queue()
+        self.proc = subprocess.Popen(
+            [*POOL, *args], env=dict(env), cwd=cwd, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._new.put(line)
+
+    def wait_for_line(self, pattern: str, timeout: float = 60) -> re.Match:
+        regex = re.compile(pattern)
+        for line in list(self.lines):
+            if match := regex.search(line):
+                return match
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._new.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self._new.empty():
+                    break
+                continue
+            if match := regex.search(line):
+                return match
+        raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines[-50:]))
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def wait_until(predicate, timeout: float = 60, interval: float = 0.2, message: str = "condition"):
+    """Poll a real observable (row counts, files) until it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def decode_celery_message(raw: bytes | str) -> dict:
+    """A Celery protocol-2 message as kombu stores it on Redis or in a filesystem queue."""
+    envelope = json.loads(raw)
+    body = envelope["body"]
+    if envelope["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args, kwargs, _embed = json.loads(body)
+    return {"id": envelope["headers"]["id"], "task": envelope["headers"]["task"],
+            "args": args, "kwargs": kwargs}
+
+
+def redis_messages(redis_url: str, queue_name: str) -> list[dict]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [decode_celery_message(m) for m in client.lrange(queue_name, 0, -1)]
+    finally:
+        client.close()
+
+
+def filesystem_messages(folder: Path, queue_name: str = "celery") -> list[dict]:
+    return [decode_celery_message(p.read_bytes()) for p in Path(folder).glob(f"*.{queue_name}.msg")]
+
+
+def make_settings(**overrides):
+    """Settings from defaults and these overrides only, whatever the test's environment holds."""
+    from pool.config import load_settings
+
+    return load_settings(environ={}, overrides=overrides)

@@ -1,0 +1,123 @@
+"""Claims, leases and acks on real PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import text
+
+from pool.seeding import generate_signals
+from pool.store import open_store
+from tests.helpers import make_settings, wait_until
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def store(request):
+    url = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+    store = open_store(make_settings(db_url=url), pool_size=4)
+    store.init_schema()
+    yield store
+    store.close()
+
+
+def seed(store, count: int) -> None:
+    store.insert_signals(list(generate_signals(count, seed=7)))
+
+
+def row_state(store, row_id: int) -> dict:
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT processed, lease_owner, lease_token, attempts, last_error, next_attempt_at"
+                 " FROM signals WHERE id = :id"), {"id": row_id},
+        ).mappings().one()
+    return dict(row)
+
+
+def test_claim_leases_a_batch_in_id_order_and_skips_leased_rows(store):
+    seed(store, 25)
+    first = store.claim("a", 1, 0, 10, 30)
+    second = store.claim("b", 1, 0, 10, 30)
+    third = store.claim("c", 1, 0, 10, 30)
+    assert [r.id for r in first.rows] == list(range(1, 11))
+    assert [r.id for r in second.rows] == list(range(11, 21))
+    assert [r.id for r in third.rows] == list(range(21, 26))
+    assert first.lease.token != second.lease.token
+    state = row_state(store, 1)
+    assert state["lease_owner"] == "a" and state["lease_token"] == first.lease.token
+    row = first.rows[0]
+    assert row.name and row.source and row.timestamp is not None and row.attempts == 0
+
+
+def test_shards_split_rows_by_id_modulo(store):
+    seed(store, 40)
+    for shard in range(4):
+        claim = store.claim(f"p{shard}", 4, shard, 100, 30)
+        assert claim.rows, shard
+        assert all(r.id % 4 == shard for r in claim.rows)
+        assert len(claim.rows) == 10
+
+
+def test_concurrent_claims_never_hand_out_a_row_twice(store):
+    seed(store, 600)
+    taken: list[list[int]] = []
+    lock = threading.Lock()
+
+    def claimer(name: str) -> None:
+        while True:
+            claim = store.claim(name, 1, 0, 25, 30)
+            if not claim.rows:
+                return
+            with lock:
+                taken.append([r.id for r in claim.rows])
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    ids = [i for batch in taken for i in batch]
+    assert sorted(ids) == list(range(1, 601))
+
+
+def test_ack_marks_processed_only_under_the_current_lease(store):
+    seed(store, 5)
+    claim = store.claim("a", 1, 0, 5, 30)
+    stale = type(claim.lease)(owner="a", token=claim.lease.token + 1)
+    assert store.ack(stale, [1, 2]) == 0
+    assert store.ack(claim.lease, [1, 2]) == 2
+    assert row_state(store, 1)["processed"] == 1
+    assert row_state(store, 1)["lease_owner"] is None
+    assert row_state(store, 3)["processed"] == 0
+    assert store.counts().processed == 2 and store.counts().unprocessed == 3
+
+
+def test_expired_lease_is_reclaimed_and_the_old_holder_can_no_longer_ack(store):
+    seed(store, 3)
+    old = store.claim("dead-poller", 1, 0, 10, 1)
+    assert len(old.rows) == 3
+    assert store.claim("other", 1, 0, 10, 30).rows == []
+    # The lease runs out on the database clock; poll the claim itself until it does.
+    new = wait_until(lambda: (c := store.claim("other", 1, 0, 10, 30)).rows and c, timeout=10,
+                     interval=0.1, message="the expired lease to be claimable")
+    assert [r.id for r in new.rows] == [1, 2, 3]
+    assert store.ack(old.lease, [1, 2, 3]) == 0
+    assert store.ack(new.lease, [1, 2, 3]) == 3
+
+
+def test_release_makes_rows_claimable_at_once(store):
+    seed(store, 4)
+    claim = store.claim("a", 1, 0, 4, 300)
+    assert store.release(claim.lease, [3, 4]) == 2
+    assert [r.id for r in store.claim("b", 1, 0, 10, 30).rows] == [3, 4]
+
+
+def test_nack_records_the_error_and_delays_the_row(store):
+    seed(store, 2)
+    claim = store.claim("a", 1, 0, 2, 30)
+    assert store.nack(claim.lease, {1: "payload is bad"}, retry_delay=3600) == 1
+    state = row_state(store, 1)
+    assert state["attempts"] == 1 and state["last_error"] == "payload is bad"
+    assert state["next_attempt_at"] is not None and state["lease_owner"] is None
+    store.release(claim.lease, [2])
+    assert [r.id for r in store.claim("b", 1, 0, 10, 30).rows] == [2]

@@ -1,0 +1,357 @@
+"""Settings: defaults < PULSE_* environment < overrides, and one clear ConfigError per bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from pool.config import ENVIRONMENT, Columns, Settings, load_settings
+from pool.errors import ConfigError, PoolError
+
+
+def raises_config_error(environ=None, overrides=None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=environ or {}, overrides=overrides)
+    return info.value
+
+
+def assert_one_line_naming(error: ConfigError, variable: str) -> None:
+    message = str(error)
+    assert variable in message
+    assert "\n" not in message and "\r" not in message
+    assert message.strip() == message and message
+
+
+# --- defaults ------------------------------------------------------------------------
+
+
+def test_defaults_without_any_environment() -> None:
+    settings = load_settings(environ={})
+    assert settings == Settings()
+    assert settings.db_url == "sqlite:///pulse_signals.db"
+    assert settings.task_name == "ingest_and_score_signal"
+    assert settings.table == "signals"
+    assert settings.metrics_port == 9200
+    assert settings.metrics_host == "127.0.0.1"
+    assert settings.queue == "celery"
+    assert settings.batch_size == 500
+    assert settings.workers == 1
+    assert settings.log_level == "INFO"
+    assert settings.columns == Columns()
+    assert (settings.columns.id, settings.columns.name, settings.columns.value) == ("id", "name", "value")
+    assert settings.columns.processed == "processed"
+
+
+def test_load_settings_ignores_unrelated_environment() -> None:
+    assert load_settings(environ={"HOME": "/root", "PULSE": "x", "PULSE_UNKNOWN": "y"}) == Settings()
+
+
+def test_empty_environment_variable_counts_as_unset() -> None:
+    environ = {name: "" for name in ENVIRONMENT.values()}
+    assert load_settings(environ=environ) == Settings()
+
+
+def test_every_setting_has_a_pulse_variable() -> None:
+    assert all(name.startswith("PULSE_") for name in ENVIRONMENT.values())
+    assert len(set(ENVIRONMENT.values())) == len(ENVIRONMENT)
+
+
+# --- precedence ----------------------------------------------------------------------
+
+
+def test_environment_overrides_defaults() -> None:
+    settings = load_settings(
+        environ={
+            "PULSE_DB_URL": "postgresql://u:p@db:5432/pulse",
+            "PULSE_DB_POLL_INTERVAL": "0.25",
+            "PULSE_BROKER_URL": "redis://localhost:6379/0",
+            "PULSE_BROKER_FOLDER": "/tmp/broker",
+            "PULSE_TASK_NAME": "tasks.score",
+            "PULSE_QUEUE": "signals.high",
+            "PULSE_BATCH_SIZE": "50",
+            "PULSE_LEASE_SECONDS": "30",
+            "PULSE_WORKERS": "4",
+            "PULSE_METRICS_PORT": "9300",
+            "PULSE_METRICS_HOST": "0.0.0.0",
+            "PULSE_DB_TABLE": "my_signals",
+            "PULSE_LOG_LEVEL": "debug",
+            "PULSE_DB_COLUMN_ID": "signal_id",
+            "PULSE_DB_COLUMN_NAME": "label",
+            "PULSE_DB_COLUMN_VALUE": "reading",
+            "PULSE_DB_COLUMN_SOURCE": "origin",
+            "PULSE_DB_COLUMN_TIMESTAMP": "created_at",
+            "PULSE_DB_COLUMN_PROCESSED": "done",
+        }
+    )
+    assert settings.db_url == "postgresql://u:p@db:5432/pulse"
+    assert settings.poll_interval == 0.25
+    assert settings.broker_url == "redis://localhost:6379/0"
+    assert settings.broker_folder == "/tmp/broker"
+    assert settings.task_name == "tasks.score"
+    assert settings.queue == "signals.high"
+    assert settings.batch_size == 50
+    assert settings.lease_seconds == 30.0
+    assert settings.workers == 4
+    assert settings.metrics_port == 9300
+    assert settings.metrics_host == "0.0.0.0"
+    assert settings.table == "my_signals"
+    assert settings.log_level == "DEBUG"
+    assert settings.columns == Columns(
+        id="signal_id", name="label", value="reading", source="origin",
+        timestamp="created_at", processed="done",
+    )
+
+
+def test_overrides_beat_environment() -> None:
+    environ = {"PULSE_WORKERS": "4", "PULSE_DB_TABLE": "from_env", "PULSE_BATCH_SIZE": "10"}
+    settings = load_settings(environ=environ, overrides={"workers": "8", "table": "from_flag"})
+    assert settings.workers == 8
+    assert settings.table == "from_flag"
+    assert settings.batch_size == 10  # not overridden: the environment still applies
+
+
+def test_overrides_beat_defaults_without_environment() -> None:
+    settings = load_settings(environ={}, overrides={"queue": "q1", "metrics_port": 0, "column_id": "pk"})
+    assert settings.queue == "q1"
+    assert settings.metrics_port == 0
+    assert settings.columns.id == "pk"
+    assert settings.columns.name == "name"
+
+
+def test_none_override_means_unset() -> None:
+    settings = load_settings(environ={"PULSE_WORKERS": "3"}, overrides={"workers": None, "table": None})
+    assert settings.workers == 3
+    assert settings.table == "signals"
+
+
+def test_bad_environment_is_reported_even_when_a_flag_overrides_it() -> None:
+    # The environment is parsed first; an invalid variable is still an error worth knowing about.
+    error = raises_config_error(environ={"PULSE_WORKERS": "many"}, overrides={"workers": "2"})
+    assert_one_line_naming(error, "PULSE_WORKERS")
+
+
+def test_unknown_override_key_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_settings(environ={}, overrides={"no_such_setting": "1"})
+
+
+def test_values_are_stripped() -> None:
+    settings = load_settings(
+        environ={"PULSE_BATCH_SIZE": " 20 ", "PULSE_DB_TABLE": " tbl\n", "PULSE_LOG_LEVEL": " warning "}
+    )
+    assert settings.batch_size == 20
+    assert settings.table == "tbl"
+    assert settings.log_level == "WARNING"
+
+
+def test_config_error_is_a_pool_error_with_exit_code_2() -> None:
+    error = raises_config_error(environ={"PULSE_WORKERS": "x"})
+    assert isinstance(error, PoolError)
+    assert error.exit_code == 2
+
+
+# --- valid edge values ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "attribute", "expected"),
+    [
+        ("PULSE_BATCH_SIZE", "1", "batch_size", 1),
+        ("PULSE_BATCH_SIZE", "100000", "batch_size", 100_000),
+        ("PULSE_WORKERS", "256", "workers", 256),
+        ("PULSE_METRICS_PORT", "0", "metrics_port", 0),
+        ("PULSE_METRICS_PORT", "65535", "metrics_port", 65535),
+        ("PULSE_DB_POLL_INTERVAL", "0.001", "poll_interval", 0.001),
+        ("PULSE_DB_POLL_INTERVAL", "3600", "poll_interval", 3600.0),
+        ("PULSE_LEASE_SECONDS", "1", "lease_seconds", 1.0),
+        ("PULSE_LEASE_SECONDS", "86400", "lease_seconds", 86400.0),
+        ("PULSE_DB_URL", "sqlite:////var/lib/pulse.db", "db_url", "sqlite:////var/lib/pulse.db"),
+        ("PULSE_DB_URL", "postgres://u@h/db", "db_url", "postgres://u@h/db"),
+        ("PULSE_DB_URL", "postgresql+psycopg://u:p@h/db", "db_url", "postgresql+psycopg://u:p@h/db"),
+        ("PULSE_DB_URL", "POSTGRESQL://h/db", "db_url", "POSTGRESQL://h/db"),
+        ("PULSE_BROKER_URL", "amqp://guest:guest@localhost:5672//", "broker_url",
+         "amqp://guest:guest@localhost:5672//"),
+        ("PULSE_BROKER_URL", "pyamqp://localhost//", "broker_url", "pyamqp://localhost//"),
+        ("PULSE_BROKER_URL", "rediss://:pw@cache:6380/1", "broker_url", "rediss://:pw@cache:6380/1"),
+        ("PULSE_BROKER_URL", "memory://", "broker_url", "memory://"),
+        ("PULSE_QUEUE", "a.b:c-d_1", "queue", "a.b:c-d_1"),
+        ("PULSE_QUEUE", "q" * 200, "queue", "q" * 200),
+        ("PULSE_DB_TABLE", "_t", "table", "_t"),
+        ("PULSE_DB_TABLE", "T" + "x" * 62, "table", "T" + "x" * 62),
+        ("PULSE_LOG_LEVEL", "error", "log_level", "ERROR"),
+    ],
+)
+def test_valid_edge_values_are_accepted(variable: str, raw: str, attribute: str, expected: object) -> None:
+    assert getattr(load_settings(environ={variable: raw}), attribute) == expected
+
+
+def test_identifier_of_63_characters_is_accepted_for_columns() -> None:
+    name = "c" * 63
+    assert load_settings(environ={"PULSE_DB_COLUMN_NAME": name}).columns.name == name
+
+
+# --- invalid values ------------------------------------------------------------------
+
+BAD_IDENTIFIERS = [
+    "my signals",
+    "signals; drop table x",
+    'sig"nals',
+    "sig'nals",
+    "sig`nals",
+    "1signals",
+    "9",
+    "signals-2",
+    "public.signals",
+    "sïgnals",
+    "a" * 64,
+    "a" * 200,
+    "x\ny",
+    "--",
+]
+
+INVALID = [
+    # integers
+    ("PULSE_BATCH_SIZE", "abc"),
+    ("PULSE_BATCH_SIZE", "1.5"),
+    ("PULSE_BATCH_SIZE", "10k"),
+    ("PULSE_BATCH_SIZE", "0"),
+    ("PULSE_BATCH_SIZE", "-1"),
+    ("PULSE_BATCH_SIZE", "100001"),
+    ("PULSE_BATCH_SIZE", "9" * 5000),
+    ("PULSE_WORKERS", "0"),
+    ("PULSE_WORKERS", "257"),
+    ("PULSE_WORKERS", "two"),
+    ("PULSE_METRICS_PORT", "-1"),
+    ("PULSE_METRICS_PORT", "65536"),
+    ("PULSE_METRICS_PORT", "http"),
+    # numbers
+    ("PULSE_DB_POLL_INTERVAL", "nan"),
+    ("PULSE_DB_POLL_INTERVAL", "NaN"),
+    ("PULSE_DB_POLL_INTERVAL", "inf"),
+    ("PULSE_DB_POLL_INTERVAL", "-inf"),
+    ("PULSE_DB_POLL_INTERVAL", "0"),
+    ("PULSE_DB_POLL_INTERVAL", "-1"),
+    ("PULSE_DB_POLL_INTERVAL", "3601"),
+    ("PULSE_DB_POLL_INTERVAL", "1e-9"),
+    ("PULSE_DB_POLL_INTERVAL", "fast"),
+    ("PULSE_DB_POLL_INTERVAL", "1s"),
+    ("PULSE_LEASE_SECONDS", "0.5"),
+    ("PULSE_LEASE_SECONDS", "86401"),
+    ("PULSE_LEASE_SECONDS", "nan"),
+    ("PULSE_LEASE_SECONDS", "infinity"),
+    ("PULSE_LEASE_SECONDS", "1m"),
+    # URLs
+    ("PULSE_DB_URL", "mysql://x"),
+    ("PULSE_DB_URL", "mysql+pymysql://u:p@h/db"),
+    ("PULSE_DB_URL", "redis://localhost"),
+    ("PULSE_DB_URL", "pulse_signals.db"),
+    ("PULSE_DB_URL", "localhost:5432/db"),
+    ("PULSE_DB_URL", "sqlite:/x.db"),
+    ("PULSE_DB_URL", "://host/db"),
+    ("PULSE_BROKER_URL", "http://localhost"),
+    ("PULSE_BROKER_URL", "localhost:6379"),
+    ("PULSE_BROKER_URL", "sqs://"),
+    # log level
+    ("PULSE_LOG_LEVEL", "verbose"),
+    ("PULSE_LOG_LEVEL", "CRITICAL"),
+    ("PULSE_LOG_LEVEL", "10"),
+    # queue
+    ("PULSE_QUEUE", "my queue"),
+    ("PULSE_QUEUE", "q/1"),
+    ("PULSE_QUEUE", "q;x"),
+    ("PULSE_QUEUE", "q" * 201),
+    ("PULSE_QUEUE", "   "),
+    # task name
+    ("PULSE_TASK_NAME", "my task"),
+    ("PULSE_TASK_NAME", "   "),
+    # free text settings must not be blank
+    ("PULSE_METRICS_HOST", "   "),
+    ("PULSE_BROKER_FOLDER", "   "),
+    # SQL identifiers
+    *[("PULSE_DB_TABLE", bad) for bad in BAD_IDENTIFIERS],
+    *[("PULSE_DB_COLUMN_ID", bad) for bad in BAD_IDENTIFIERS],
+    ("PULSE_DB_TABLE", "   "),
+    ("PULSE_DB_COLUMN_NAME", "na me"),
+    ("PULSE_DB_COLUMN_VALUE", "value;"),
+    ("PULSE_DB_COLUMN_SOURCE", '"source"'),
+    ("PULSE_DB_COLUMN_TIMESTAMP", "2ts"),
+    ("PULSE_DB_COLUMN_PROCESSED", "p" * 64),
+]
+
+
+@pytest.mark.parametrize(("variable", "raw"), INVALID, ids=[f"{v}={r[:30]!r}" for v, r in INVALID])
+def test_invalid_environment_value_raises_one_line_config_error(variable: str, raw: str) -> None:
+    error = raises_config_error(environ={variable: raw})
+    assert_one_line_naming(error, variable)
+    assert error.__cause__ is None or isinstance(error.__cause__, ConfigError)
+    assert error.__suppress_context__ or error.__context__ is None
+
+
+@pytest.mark.parametrize(("variable", "raw"), INVALID, ids=[f"{v}={r[:30]!r}" for v, r in INVALID])
+def test_invalid_override_names_the_same_variable(variable: str, raw: str) -> None:
+    key = next(k for k, name in ENVIRONMENT.items() if name == variable)
+    error = raises_config_error(environ={}, overrides={key: raw})
+    assert_one_line_naming(error, variable)
+
+
+@pytest.mark.parametrize("raw", ["", "   "])
+def test_blank_override_is_rejected_not_ignored(raw: str) -> None:
+    error = raises_config_error(overrides={"db_url": raw})
+    assert_one_line_naming(error, "PULSE_DB_URL")
+
+
+def test_bad_url_message_does_not_echo_password() -> None:
+    for url in ("mysql://user:hunter2@db/x", "user:hunter2@db/x"):
+        error = raises_config_error(environ={"PULSE_DB_URL": url})
+        assert "hunter2" not in str(error)
+    error = raises_config_error(environ={"PULSE_BROKER_URL": "http://user:hunter2@mq/"})
+    assert "hunter2" not in str(error)
+
+
+def test_url_without_scheme_says_so() -> None:
+    error = raises_config_error(environ={"PULSE_DB_URL": "db.example.com/pulse"})
+    assert "scheme" in str(error)
+
+
+def test_unsupported_scheme_lists_supported_ones() -> None:
+    message = str(raises_config_error(environ={"PULSE_DB_URL": "mysql://x"}))
+    assert "mysql" in message
+    assert "postgresql" in message and "sqlite" in message
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"PULSE_DB_COLUMN_NAME": "source"},
+        {"PULSE_DB_COLUMN_VALUE": "id"},
+        {"PULSE_DB_COLUMN_SOURCE": "x", "PULSE_DB_COLUMN_TIMESTAMP": "x"},
+        {"PULSE_DB_COLUMN_PROCESSED": "timestamp"},
+    ],
+)
+def test_duplicate_column_names_are_rejected(environ: dict[str, str]) -> None:
+    error = raises_config_error(environ=environ)
+    assert_one_line_naming(error, "PULSE_DB_COLUMN")
+
+
+def test_duplicate_column_names_via_override_are_rejected() -> None:
+    error = raises_config_error(environ={"PULSE_DB_COLUMN_NAME": "label"}, overrides={"column_value": "label"})
+    assert_one_line_naming(error, "PULSE_DB_COLUMN")
+
+
+def test_swapping_column_names_is_allowed() -> None:
+    settings = load_settings(environ={"PULSE_DB_COLUMN_NAME": "source", "PULSE_DB_COLUMN_SOURCE": "name"})
+    assert (settings.columns.name, settings.columns.source) == ("source", "name")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a PULSE_DB_COLUMN_* equal to one of the relay's own columns (lease_owner, lease_until,"
+    " lease_token, attempts, next_attempt_at, last_error) is accepted; the relay then writes its"
+    " bookkeeping into the user's data column (e.g. ack sets last_error = NULL, wiping `source`)",
+)
+@pytest.mark.parametrize(
+    "environ",
+    [{"PULSE_DB_COLUMN_SOURCE": "last_error"}, {"PULSE_DB_COLUMN_NAME": "attempts"}],
+)
+def test_column_name_equal_to_a_relay_column_is_rejected(environ: dict[str, str]) -> None:
+    error = raises_config_error(environ=environ)
+    assert_one_line_naming(error, "PULSE_DB_COLUMN")
