@@ -14,6 +14,9 @@ from pool.errors import ConfigError
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Columns the relay adds beside the seed-shaped ones; names are fixed so that tools and
+# dashboards agree on them whatever the user's own column names are.
+RELAY_COLUMNS = ("lease_owner", "lease_until", "lease_token", "attempts", "next_attempt_at", "last_error")
 
 
 @dataclass(frozen=True)
@@ -180,4 +183,9 @@ def load_settings(
     names = list(dataclasses.asdict(columns).values())
     if len(set(names)) != len(names):
         raise ConfigError("PULSE_DB_COLUMN_* names must all differ")
+    taken = sorted(set(names) & set(RELAY_COLUMNS))
+    if taken:
+        raise ConfigError(
+            f"PULSE_DB_COLUMN_* may not name the relay's own column(s) {', '.join(taken)}"
+        )
     return Settings(columns=columns, **values)

@@ -28,7 +28,10 @@ def _number(field: str, value: Any) -> int | float | None:
     if isinstance(value, int):
         return value
     if isinstance(value, float | Decimal):
-        number = float(value)
+        try:
+            number = float(value)
+        except ValueError:  # Decimal('sNaN')
+            raise PayloadError(f"{field} is not a finite number ({value})") from None
         if not math.isfinite(number):
             raise PayloadError(f"{field} is not a finite number ({value})")
         return number
@@ -71,9 +74,10 @@ def _timestamp(value: Any) -> str | None:
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise PayloadError(f"timestamp is not a finite number ({value})")
-        return datetime.fromtimestamp(value, tz=UTC).isoformat()
+        try:
+            return datetime.fromtimestamp(value, tz=UTC).isoformat()
+        except (ValueError, OverflowError, OSError):
+            raise PayloadError(f"timestamp {value} is not a valid epoch time in seconds") from None
     text = _text("timestamp", value)
     assert text is not None
     try:

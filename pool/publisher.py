@@ -63,6 +63,9 @@ class Publisher:
             except PayloadError as exc:
                 result.rejected[row.id] = str(exc)
                 continue
+            except Exception as exc:  # noqa: BLE001 - one odd row must not take down the batch
+                result.rejected[row.id] = self._describe(exc)
+                continue
             try:
                 self.app.send_task(
                     self.settings.task_name,

@@ -2,7 +2,8 @@
 
 import re
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<password>[^@/]*)@")
+# As SQLAlchemy parses URLs: a password may hold "/" and ":" but not "@".
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<password>[^@]*)@")
 
 
 def redact_url(url: str) -> str:

@@ -12,13 +12,9 @@ from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
-from pool.config import Settings
+from pool.config import RELAY_COLUMNS, Settings
 from pool.errors import ConfigError
 from pool.redact import redact_url
-
-# Columns the relay adds beside the seed-shaped ones; names are fixed so that tools and
-# dashboards agree on them whatever the user's own column names are.
-RELAY_COLUMNS = ("lease_owner", "lease_until", "lease_token", "attempts", "next_attempt_at", "last_error")
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
+from pool.errors import ConfigError
 from pool.store.base import Claim, ClaimedRow, SqlStore, new_lease
 
 # Times are stored as UTC text in one fixed format so that they compare as strings.
@@ -72,6 +74,15 @@ class SqliteStore(SqlStore):
 
     def _plus_seconds(self, param: str) -> str:
         return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || :{param} || ' seconds')"
+
+    def check_schema(self) -> None:
+        # Connecting would create an empty file; a missing file is a configuration mistake.
+        path = self.engine.url.database
+        if path and not os.path.exists(path):
+            raise ConfigError(
+                f"SQLite database file {path!r} does not exist; check PULSE_DB_URL or run `pool init-db`"
+            )
+        super().check_schema()
 
     def _existing_columns(self, conn: Connection) -> set[str] | None:
         rows = conn.execute(text(f"PRAGMA table_info({self.t})")).all()

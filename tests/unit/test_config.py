@@ -96,8 +96,12 @@ def test_environment_overrides_defaults() -> None:
     assert settings.table == "my_signals"
     assert settings.log_level == "DEBUG"
     assert settings.columns == Columns(
-        id="signal_id", name="label", value="reading", source="origin",
-        timestamp="created_at", processed="done",
+        id="signal_id",
+        name="label",
+        value="reading",
+        source="origin",
+        timestamp="created_at",
+        processed="done",
     )
 
 
@@ -168,8 +172,12 @@ def test_config_error_is_a_pool_error_with_exit_code_2() -> None:
         ("PULSE_DB_URL", "postgres://u@h/db", "db_url", "postgres://u@h/db"),
         ("PULSE_DB_URL", "postgresql+psycopg://u:p@h/db", "db_url", "postgresql+psycopg://u:p@h/db"),
         ("PULSE_DB_URL", "POSTGRESQL://h/db", "db_url", "POSTGRESQL://h/db"),
-        ("PULSE_BROKER_URL", "amqp://guest:guest@localhost:5672//", "broker_url",
-         "amqp://guest:guest@localhost:5672//"),
+        (
+            "PULSE_BROKER_URL",
+            "amqp://guest:guest@localhost:5672//",
+            "broker_url",
+            "amqp://guest:guest@localhost:5672//",
+        ),
         ("PULSE_BROKER_URL", "pyamqp://localhost//", "broker_url", "pyamqp://localhost//"),
         ("PULSE_BROKER_URL", "rediss://:pw@cache:6380/1", "broker_url", "rediss://:pw@cache:6380/1"),
         ("PULSE_BROKER_URL", "memory://", "broker_url", "memory://"),
@@ -333,7 +341,9 @@ def test_duplicate_column_names_are_rejected(environ: dict[str, str]) -> None:
 
 
 def test_duplicate_column_names_via_override_are_rejected() -> None:
-    error = raises_config_error(environ={"PULSE_DB_COLUMN_NAME": "label"}, overrides={"column_value": "label"})
+    error = raises_config_error(
+        environ={"PULSE_DB_COLUMN_NAME": "label"}, overrides={"column_value": "label"}
+    )
     assert_one_line_naming(error, "PULSE_DB_COLUMN")
 
 
@@ -342,12 +352,6 @@ def test_swapping_column_names_is_allowed() -> None:
     assert (settings.columns.name, settings.columns.source) == ("source", "name")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a PULSE_DB_COLUMN_* equal to one of the relay's own columns (lease_owner, lease_until,"
-    " lease_token, attempts, next_attempt_at, last_error) is accepted; the relay then writes its"
-    " bookkeeping into the user's data column (e.g. ack sets last_error = NULL, wiping `source`)",
-)
 @pytest.mark.parametrize(
     "environ",
     [{"PULSE_DB_COLUMN_SOURCE": "last_error"}, {"PULSE_DB_COLUMN_NAME": "attempts"}],

@@ -140,12 +140,6 @@ def test_unreadable_timestamp_raises_payload_error(bad: object) -> None:
         build_payload(row(timestamp=bad))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pool/payload.py _timestamp: datetime.fromtimestamp() raises OverflowError/ValueError"
-    " (not PayloadError) for numeric timestamps outside datetime's range, e.g. epoch milliseconds;"
-    " Publisher.publish only catches PayloadError, so the poller process dies on such a row",
-)
 @pytest.mark.parametrize("epoch", [1_714_566_645_000, 1.7e12, 1e20, -1e20])
 def test_out_of_range_numeric_timestamp_raises_payload_error(epoch: float) -> None:
     with pytest.raises(PayloadError, match="timestamp"):
