@@ -10,8 +10,12 @@ from celery import Celery
 from pool.config import Settings
 
 
+def broker_scheme(settings: Settings) -> str:
+    return settings.broker_url.split("://", 1)[0].lower()
+
+
 def _transport_options(settings: Settings) -> dict[str, Any]:
-    scheme = settings.broker_url.split("://", 1)[0].lower()
+    scheme = broker_scheme(settings)
     if scheme == "filesystem":
         folder = os.path.abspath(settings.broker_folder)
         os.makedirs(folder, exist_ok=True)
@@ -28,6 +32,8 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
 
 def create_celery_app(settings: Settings, name: str = "pool") -> Celery:
     app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    if broker_scheme(settings) == "filesystem":
+        app.conf.broker_transport = "pool.fs_transport:Transport"
     app.conf.update(
         broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
