@@ -93,6 +93,7 @@ class Supervisor:
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        log.info("started %s (pid %d)", child.name, process.pid)
         child.process = process
         child.started_at = time.monotonic()
         child.restart_at = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -108,6 +109,28 @@ def test_a_seed_shaped_table_made_by_plain_sql_is_taken_over_and_relayed(pg_url,
     sample = next(m for m in messages if m["id"] == "signal-8")["args"][0]
     assert sample == {"id": 8, "name": "legacy-7", "value": 1.0, "source": "sensor",
                       "timestamp": "2025-06-01T12:00:00+00:00"}
+
+
+def test_a_killed_poller_is_restarted_and_its_shard_keeps_flowing(tmp_path):
+    env = clean_env()
+    assert run_pool("init-db", env=env, cwd=tmp_path).returncode == 0
+    pool = PoolProcess("start", "--workers", "2", "--metrics-port", "0", env=env, cwd=tmp_path)
+    try:
+        pid = int(pool.wait_for_line(r"started poller-1 \(pid (\d+)\)")[1])
+        pool.wait_for_line(r"ready: 2 pollers")
+        os.kill(pid, signal.SIGKILL)
+        pool.wait_for_line(rf"poller-1 \(pid {pid}\) exited with code -9")
+        new_pid = int(pool.wait_for_line(r"poller-1 \(pid (\d+)\) ready again")[1])
+        assert new_pid != pid
+        # Rows of both shards (odd ids belong to poller-1) are relayed after the restart.
+        assert run_pool("seed", "--count", "100", env=env, cwd=tmp_path).returncode == 0
+        wait_until(lambda: counts(env, tmp_path)["unprocessed"] == 0, timeout=60,
+                   message="rows of the restarted poller's shard relayed")
+        assert counts(env, tmp_path)["processed"] == 100
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(timeout=60) == 0, pool.output()
+    finally:
+        pool.kill()
 
 
 def test_sigint_drains_idle_pollers_and_exits_0(tmp_path):
