@@ -23,7 +23,7 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         return {"data_folder_in": folder, "data_folder_out": folder, "control_folder": folder}
     if scheme in ("redis", "rediss"):
         # A Redis that accepts TCP but never answers would block a publish for minutes.
-        return {"socket_timeout": 10, "socket_connect_timeout": 5, "max_retries": 1}
+        return {"socket_timeout": 5, "socket_connect_timeout": 5, "max_retries": 1}
     if scheme in ("amqp", "amqps", "pyamqp"):
         # A publish counts only once RabbitMQ confirmed it.
         return {"confirm_publish": True, "max_retries": 1}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -31,6 +32,8 @@ START_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
     ("--lease-seconds", "lease_seconds", str),
     ("--metrics-port", "metrics_port", str),
     ("--metrics-host", "metrics_host", str),
+    ("--shutdown-timeout", "shutdown_timeout", str),
+    ("--max-attempts", "max_attempts", str),
 ]
 
 
@@ -61,13 +64,8 @@ def cli() -> None:
 @with_settings([])
 def init_db(settings: Any) -> None:
     """Create the signals table, or add the relay's columns and index to an existing one."""
-    from pool.store import open_store
-
-    store = open_store(settings)
-    try:
-        changes = _guard_db(settings, store.init_schema)
-    finally:
-        store.close()
+    with _store(settings, check=False) as store:
+        changes = store.init_schema()
     if not changes.changed:
         click.echo(f"table {settings.table}: already prepared, nothing changed")
         return
@@ -87,11 +85,9 @@ def init_db(settings: Any) -> None:
 def seed(settings: Any, count: int, chunk: int) -> None:
     """Insert COUNT synthetic signals (prepares the table first if needed)."""
     from pool.seeding import generate_signals
-    from pool.store import open_store
 
-    store = open_store(settings)
-    try:
-        _guard_db(settings, store.init_schema)
+    with _store(settings, check=False) as store:
+        store.init_schema()
         rows = generate_signals(count)
         with click.progressbar(length=count, label="seeding signals", file=sys.stderr) as bar:
             remaining = count
@@ -100,28 +96,20 @@ def seed(settings: Any, count: int, chunk: int) -> None:
                 store.insert_signals(batch)
                 remaining -= len(batch)
                 bar.update(len(batch))
-    finally:
-        store.close()
     click.echo(f"inserted {count} signals into {settings.table}")
 
 
 @cli.command()
-@click.option("--shutdown-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-              help="Seconds pollers get to finish their in-flight batch after SIGTERM.")
 @with_settings(START_FLAGS)
-def start(settings: Any, shutdown_timeout: float) -> None:
+def start(settings: Any) -> None:
     """Start N pollers and the metrics coordinator; SIGTERM drains and exits 0."""
     from pool.logs import setup_logging
-    from pool.store import open_store
     from pool.supervisor import run_supervisor
 
     setup_logging(settings.log_level, "pool")
-    store = open_store(settings)
-    try:
-        _guard_db(settings, store.check_schema)
-    finally:
-        store.close()
-    sys.exit(run_supervisor(settings, shutdown_timeout))
+    with _store(settings):
+        pass  # reachable and prepared, or a one-line error and exit 2
+    sys.exit(run_supervisor(settings))
 
 
 @cli.command()
@@ -150,19 +138,17 @@ def worker(settings: Any, concurrency: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @with_settings([])
 def status(settings: Any, as_json: bool) -> None:
-    """Processed and unprocessed row counts of the signals table."""
-    from pool.store import open_store
-
-    store = open_store(settings)
-    try:
-        _guard_db(settings, store.check_schema)
+    """Processed, unprocessed and dead row counts of the signals table."""
+    with _store(settings) as store:
         counts = store.counts()
-    finally:
-        store.close()
     if as_json:
-        click.echo(json.dumps({"processed": counts.processed, "unprocessed": counts.unprocessed}))
+        click.echo(json.dumps(
+            {"processed": counts.processed, "unprocessed": counts.unprocessed, "dead": counts.dead}
+        ))
     else:
-        click.echo(f"processed:   {counts.processed}\nunprocessed: {counts.unprocessed}")
+        click.echo(f"processed:   {counts.processed}")
+        click.echo(f"unprocessed: {counts.unprocessed}")
+        click.echo(f"dead:        {counts.dead}")
 
 
 @cli.command()
@@ -193,20 +179,120 @@ def scores(settings: Any, wait_for: int, timeout: float) -> None:
         raise PoolError(f"only {summary.count} of {wait_for} signals scored after {timeout:.0f} s")
 
 
+@cli.group()
+def dead() -> None:
+    """Rows that used up their attempts: list, requeue, purge."""
+
+
+@dead.command("list")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per row.")
+@with_settings([])
+def dead_list(settings: Any, limit: int, as_json: bool) -> None:
+    """Dead rows, oldest death first: id, attempts, last error, age."""
+    with _store(settings) as store:
+        rows = store.list_dead(limit)
+        total = store.count_dead()
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps({"id": row.id, "attempts": row.attempts, "last_error": row.last_error,
+                                   "age_seconds": round(row.age_seconds, 1)}))
+        return
+    if not rows:
+        click.echo("no dead rows")
+        return
+    click.echo(f"{'id':>10}  {'attempts':>8}  {'age':>8}  last error")
+    for row in rows:
+        error = (row.last_error or "").replace("\n", " ")
+        click.echo(f"{row.id:>10}  {row.attempts:>8}  {format_age(row.age_seconds):>8}  {error[:90]}")
+    if total > len(rows):
+        click.echo(f"... {total - len(rows)} more (use --limit)")
+
+
+@dead.command("requeue")
+@click.option("--id", "ids", type=int, multiple=True, help="A dead row's id; repeat for several.")
+@click.option("--all", "all_rows", is_flag=True, help="Every dead row.")
+@with_settings([])
+def dead_requeue(settings: Any, ids: tuple[int, ...], all_rows: bool) -> None:
+    """Give dead rows a fresh set of attempts; pollers pick them up at once."""
+    if bool(ids) == all_rows:
+        raise click.UsageError("give either --id (one or more) or --all")
+    with _store(settings) as store:
+        count = store.requeue_dead(None if all_rows else list(ids))
+    click.echo(f"requeued {count} dead row(s)")
+
+
+@dead.command("purge")
+@click.option("--older-than", "older_than", required=True, metavar="AGE",
+              help="Delete dead rows that died at least this long ago, e.g. 30m, 12h, 7d.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@with_settings([])
+def dead_purge(settings: Any, older_than: str, yes: bool) -> None:
+    """Delete dead rows for good."""
+    seconds = parse_age(older_than)
+    if not yes:
+        click.confirm(f"delete dead rows older than {older_than} from {settings.table}?", abort=True)
+    with _store(settings) as store:
+        count = store.purge_dead(seconds)
+    click.echo(f"purged {count} dead row(s)")
+
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_age(text: str) -> float:
+    """'90s', '30m', '12h', '7d', '2w' -> seconds."""
+    text = text.strip().lower()
+    try:
+        number, unit = float(text[:-1]), AGE_UNITS[text[-1]]
+    except (ValueError, KeyError, IndexError):
+        raise click.BadParameter(f"{text!r} is not an age like 30m, 12h or 7d") from None
+    if number < 0:
+        raise click.BadParameter("an age cannot be negative")
+    return number * unit
+
+
+def format_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@contextlib.contextmanager
+def _store(settings: Any, check: bool = True) -> Iterator[Any]:
+    """An open store (schema-checked unless `check` is False); database errors become one line."""
+    from sqlalchemy.exc import DBAPIError
+
+    from pool.store import open_store
+
+    store = open_store(settings)
+    try:
+        if check:
+            store.check_schema()
+        yield store
+    except DBAPIError as exc:
+        raise _db_error(settings, exc) from None
+    finally:
+        store.close()
+
+
 def _guard_db(settings: Any, action: Callable[[], Any]) -> Any:
     """Run a database action; an unreachable or refusing database becomes a one-line ConfigError."""
     from sqlalchemy.exc import DBAPIError
 
+    try:
+        return action()
+    except DBAPIError as exc:
+        raise _db_error(settings, exc) from None
+
+
+def _db_error(settings: Any, exc: Exception) -> PoolError:
     from pool.errors import ConfigError
     from pool.redact import redact_url
     from pool.store.base import first_line
 
-    try:
-        return action()
-    except DBAPIError as exc:
-        raise ConfigError(
-            f"database {redact_url(settings.db_url)}: {first_line(exc)}"
-        ) from None
+    return ConfigError(f"database {redact_url(settings.db_url)}: {first_line(exc)}")
 
 
 def main() -> None:

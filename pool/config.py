@@ -16,7 +16,9 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Columns the relay adds beside the seed-shaped ones; names are fixed so that tools and
 # dashboards agree on them whatever the user's own column names are.
-RELAY_COLUMNS = ("lease_owner", "lease_until", "lease_token", "attempts", "next_attempt_at", "last_error")
+RELAY_COLUMNS = (
+    "lease_owner", "lease_until", "lease_token", "attempts", "next_attempt_at", "last_error", "dead_at",
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ class Settings:
     table: str = "signals"
     columns: Columns = field(default_factory=Columns)
     log_level: str = "INFO"
+    retry_base_seconds: float = 1.0
+    retry_cap_seconds: float = 300.0
+    max_attempts: int = 5
+    max_payload_bytes: int = 64 * 1024
+    backpressure_high: int = 500_000
+    backpressure_low: int = 250_000
+    shutdown_timeout: float = 30.0
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -67,6 +76,13 @@ ENVIRONMENT: dict[str, str] = {
     "metrics_host": "PULSE_METRICS_HOST",
     "table": "PULSE_DB_TABLE",
     "log_level": "PULSE_LOG_LEVEL",
+    "retry_base_seconds": "PULSE_RETRY_BASE_SECONDS",
+    "retry_cap_seconds": "PULSE_RETRY_CAP_SECONDS",
+    "max_attempts": "PULSE_MAX_ATTEMPTS",
+    "max_payload_bytes": "PULSE_MAX_PAYLOAD_BYTES",
+    "backpressure_high": "PULSE_BACKPRESSURE_HIGH",
+    "backpressure_low": "PULSE_BACKPRESSURE_LOW",
+    "shutdown_timeout": "PULSE_SHUTDOWN_TIMEOUT",
     **{f"column_{c.name}": f"PULSE_DB_COLUMN_{c.name.upper()}" for c in dataclasses.fields(Columns)},
 }
 
@@ -128,6 +144,16 @@ def _parse(key: str, raw: Any) -> Any:
         return _parse_float(env_name, raw, 0.001, 3600.0)
     if key == "lease_seconds":
         return _parse_float(env_name, raw, 1.0, 86400.0)
+    if key in ("retry_base_seconds", "retry_cap_seconds"):
+        return _parse_float(env_name, raw, 0.001, 86400.0)
+    if key == "shutdown_timeout":
+        return _parse_float(env_name, raw, 0.1, 3600.0)
+    if key == "max_attempts":
+        return _parse_int(env_name, raw, 1, 1000)
+    if key == "max_payload_bytes":
+        return _parse_int(env_name, raw, 256, 512 * 1024 * 1024)
+    if key in ("backpressure_high", "backpressure_low"):
+        return _parse_int(env_name, raw, 0, 1_000_000_000)
     if key == "batch_size":
         return _parse_int(env_name, raw, 1, 100_000)
     if key == "workers":
@@ -188,4 +214,9 @@ def load_settings(
         raise ConfigError(
             f"PULSE_DB_COLUMN_* may not name the relay's own column(s) {', '.join(taken)}"
         )
-    return Settings(columns=columns, **values)
+    settings = Settings(columns=columns, **values)
+    if settings.retry_cap_seconds < settings.retry_base_seconds:
+        raise ConfigError("PULSE_RETRY_CAP_SECONDS must not be below PULSE_RETRY_BASE_SECONDS")
+    if settings.backpressure_high and settings.backpressure_low >= settings.backpressure_high:
+        raise ConfigError("PULSE_BACKPRESSURE_LOW must be below PULSE_BACKPRESSURE_HIGH (0 turns it off)")
+    return settings

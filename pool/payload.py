@@ -87,7 +87,13 @@ def _timestamp(value: Any) -> str | None:
 
 
 def build_payload(row: ClaimedRow, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any]:
-    """The task argument for `row`: {"id", "name", "value", "source", "timestamp"}."""
+    """The task argument for `row`: {"id", "name", "value", "source", "timestamp"}.
+
+    name and value are required; source and timestamp may be NULL (sent as null)."""
+    if row.name is None:
+        raise PayloadError("name is NULL")
+    if row.value is None:
+        raise PayloadError("value is NULL")
     payload = {
         "id": row.id,
         "name": _text("name", row.name),

@@ -2,39 +2,91 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from pool.publisher import Publisher, PublishResult
-from pool.store import SqlStore
-from pool.store.base import first_line
+from pool.backoff import retry_delay
+from pool.config import Settings
+from pool.publisher import Publisher
+from pool.store import Claim, SqlStore
+from pool.store.base import Failure, Lease, first_line
 
 log = logging.getLogger(__name__)
 
-REJECTED_RETRY_SECONDS = 60.0
 BACKOFF_START = 0.5
-BACKOFF_CAP = 30.0
+BACKOFF_CAP = 5.0  # low, so a poller resumes within seconds of an outage ending
+# How long a paused poller waits before asking the broker for its queue depth again.
+DEPTH_CHECK_INTERVAL = 0.25
+T = TypeVar("T")
+
+
+class StopSignal:
+    """Set once on SIGTERM/SIGINT; after `grace` seconds in-flight work is released, not finished."""
+
+    def __init__(self, grace: float = math.inf) -> None:
+        self.event = threading.Event()
+        self.grace = grace
+        self.deadline = math.inf
+
+    def request(self) -> None:
+        if not self.event.is_set():
+            self.deadline = time.monotonic() + self.grace
+            self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, seconds: float | None = None) -> bool:
+        return self.event.wait(seconds)
+
+    def out_of_time(self) -> bool:
+        return self.event.is_set() and time.monotonic() >= self.deadline
+
+
+@dataclass
+class BatchOutcome:
+    claimed: int = 0
+    published: int = 0
+    acked: int = 0
+    retried: int = 0
+    dead: int = 0
+    unsent: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
 
 
 class PollerHooks(Protocol):
     """What the poller reports; metrics plug in here so the loop never imports them."""
 
-    def batch_done(self, claimed: int, result: PublishResult, acked: int, seconds: float) -> None: ...
+    def batch_done(self, outcome: BatchOutcome) -> None: ...
 
     def database_error(self) -> None: ...
 
+    def backpressure(self, paused: bool) -> None: ...
+
 
 class NoHooks:
-    def batch_done(self, claimed: int, result: PublishResult, acked: int, seconds: float) -> None:
+    def batch_done(self, outcome: BatchOutcome) -> None:
         pass
 
     def database_error(self) -> None:
         pass
+
+    def backpressure(self, paused: bool) -> None:
+        pass
+
+
+class DepthProbe(Protocol):
+    def depth(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -44,89 +96,184 @@ class PollerIdentity:
     shard_count: int
 
 
+class LeaseHeartbeat:
+    """Extends a batch's lease while it is worked on, so a slow broker causes no false takeover."""
+
+    def __init__(self, store: SqlStore, lease_seconds: float) -> None:
+        self.store = store
+        self.lease_seconds = lease_seconds
+        self.valid_until = 0.0  # monotonic time until which our lease surely holds
+
+    @contextlib.contextmanager
+    def holding(self, lease: Lease) -> Iterator[None]:
+        self.valid_until = time.monotonic() + self.lease_seconds
+        done = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(lease, done), name="lease-heartbeat", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            done.set()
+            beat.join()
+
+    def _beat(self, lease: Lease, done: threading.Event) -> None:
+        while not done.wait(self.lease_seconds / 3):
+            started = time.monotonic()
+            try:
+                self.store.extend_lease(lease, self.lease_seconds)
+            except DBAPIError as exc:
+                log.warning("could not extend lease: %s", first_line(exc))
+                continue
+            self.valid_until = started + self.lease_seconds
+
+
 class Poller:
     def __init__(
         self,
         store: SqlStore,
         publisher: Publisher,
         identity: PollerIdentity,
-        batch_size: int,
-        lease_seconds: float,
-        poll_interval: float,
-        stop: threading.Event,
+        settings: Settings,
+        stop: StopSignal,
         hooks: PollerHooks | None = None,
+        depth_probe: DepthProbe | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.identity = identity
-        self.batch_size = batch_size
-        self.lease_seconds = lease_seconds
-        self.poll_interval = poll_interval
+        self.settings = settings
         self.stop = stop
         self.hooks = hooks or NoHooks()
+        self.depth_probe = depth_probe
+        self.rng = rng or random.Random()
+        self.heartbeat = LeaseHeartbeat(store, settings.lease_seconds)
+        self.paused = False
         self._db_failing = False
         self._broker_failing = False
 
+    # --- one batch -------------------------------------------------------------------
     def run_once(self) -> int:
         """Claim, publish and settle one batch. Returns how many rows were claimed."""
         started = time.perf_counter()
-        claim = self.store.claim(
-            self.identity.owner, self.identity.shard_count, self.identity.index,
-            self.batch_size, self.lease_seconds,
-        )
+        s = self.settings
+        claim = self.store.claim(self.identity.owner, self.identity.shard_count, self.identity.index,
+                                 s.batch_size, s.lease_seconds)
         if not claim.rows:
             return 0
-        result = self.publisher.publish(claim.rows)
-        # Only what the broker accepted is marked processed, and only under our lease.
-        acked = self.store.ack(claim.lease, result.accepted)
-        if acked < len(result.accepted):
-            log.warning(
-                "lease lost on %d of %d published rows; their new owner will publish them again",
-                len(result.accepted) - acked, len(result.accepted),
-            )
-        if result.rejected:
-            self.store.nack(claim.lease, result.rejected, REJECTED_RETRY_SECONDS)
-            log.warning("%d row(s) could not be published, e.g. %s",
-                        len(result.rejected), next(iter(result.rejected.values())))
-        if result.unsent:
-            self.store.release(claim.lease, result.unsent)
+        with self.heartbeat.holding(claim.lease):
+            # Once the shutdown grace is spent, rows not yet published are released instead.
+            result = self.publisher.publish(claim.rows, keep_going=lambda: not self.stop.out_of_time())
+            outcome = self._settle(claim, result.accepted, result.rejected, result.unsent)
+        outcome.seconds = time.perf_counter() - started
         self._note_broker(result.broker_error)
-        self.hooks.batch_done(len(claim.rows), result, acked, time.perf_counter() - started)
-        log.debug("batch claimed=%d accepted=%d acked=%d rejected=%d unsent=%d",
-                  len(claim.rows), len(result.accepted), acked, len(result.rejected), len(result.unsent))
+        self.hooks.batch_done(outcome)
+        log.debug("batch claimed=%d published=%d acked=%d retried=%d dead=%d unsent=%d in %.3f s",
+                  outcome.claimed, outcome.published, outcome.acked, outcome.retried, outcome.dead,
+                  outcome.unsent, outcome.seconds)
         return len(claim.rows)
 
+    def _settle(self, claim: Claim, accepted: list[int], rejected: dict[int, str],
+                unsent: list[int]) -> BatchOutcome:
+        s = self.settings
+        outcome = BatchOutcome(claimed=len(claim.rows), published=len(accepted), unsent=len(unsent))
+        # Only what the broker accepted is marked processed, and only under our lease. The ack
+        # is retried through a database outage while the lease holds: giving up would make
+        # another poller publish these rows a second time.
+        outcome.acked = self._until_done(lambda: self.store.ack(claim.lease, accepted))
+        if outcome.acked < len(accepted):
+            log.warning("lease lost on %d of %d published rows; their new owner publishes them again",
+                        len(accepted) - outcome.acked, len(accepted))
+        if rejected:
+            attempts = {row.id: row.attempts for row in claim.rows}
+            failures = []
+            for row_id, error in rejected.items():
+                attempt = attempts[row_id] + 1
+                failures.append(Failure(
+                    id=row_id, error=error, dead=attempt >= s.max_attempts,
+                    retry_in=retry_delay(attempt, s.retry_base_seconds, s.retry_cap_seconds, self.rng),
+                ))
+            self._until_done(lambda: self.store.nack(claim.lease, failures))
+            outcome.dead = sum(f.dead for f in failures)
+            outcome.retried = len(failures) - outcome.dead
+            for failure in failures:
+                if failure.dead:
+                    log.warning("row %d is dead after %d attempts: %s", failure.id, s.max_attempts,
+                                failure.error)
+        if unsent:
+            self._until_done(lambda: self.store.release(claim.lease, unsent))
+        return outcome
+
+    def _until_done(self, action: Callable[[], T]) -> T:
+        """Retry a settling write through database errors while our lease is still ours."""
+        delay = BACKOFF_START
+        while True:
+            try:
+                return action()
+            except DBAPIError as exc:
+                if time.monotonic() + delay >= self.heartbeat.valid_until:
+                    raise
+                self.hooks.database_error()
+                log.warning("database error while settling a batch, retrying: %s", first_line(exc))
+                time.sleep(delay)  # not interruptible by SIGTERM: settling is what a drain waits for
+                delay = min(delay * 2, 5.0)
+
+    # --- backpressure ----------------------------------------------------------------
+    def _must_pause(self) -> bool:
+        high, low = self.settings.backpressure_high, self.settings.backpressure_low
+        if not high or self.depth_probe is None:
+            return False
+        # Asked before every claim (one LLEN or passive declare): checking less often lets a
+        # fast poller overshoot the mark by many batches.
+        depth = self.depth_probe.depth()
+        if depth is None:
+            return self.paused
+        if not self.paused and depth > high:
+            self.paused = True
+            log.warning("backpressure: queue %s holds %d messages (> %d); pausing claims",
+                        self.settings.queue, depth, high)
+            self.hooks.backpressure(True)
+        elif self.paused and depth < low:
+            self.paused = False
+            log.info("backpressure released: queue %s holds %d messages (< %d); claiming again",
+                     self.settings.queue, depth, low)
+            self.hooks.backpressure(False)
+        return self.paused
+
+    # --- the loop --------------------------------------------------------------------
     def _note_broker(self, error: str | None) -> None:
         # Log on state changes only, so an outage is two lines, not one per batch.
         if error and not self._broker_failing:
-            log.error("broker unavailable, rows stay unprocessed: %s", error)
+            log.error("broker unavailable, rows stay unprocessed and are retried: %s", error)
         elif not error and self._broker_failing:
             log.info("broker reachable again")
         self._broker_failing = error is not None
 
     def run(self) -> None:
-        backoff = BACKOFF_START
-        broker_backoff = BACKOFF_START
+        db_backoff = broker_backoff = BACKOFF_START
         while not self.stop.is_set():
+            if self._must_pause():
+                self.stop.wait(min(self.settings.poll_interval, DEPTH_CHECK_INTERVAL))
+                continue
             try:
                 claimed = self.run_once()
             except DBAPIError as exc:
                 self.hooks.database_error()
                 if not self._db_failing:
-                    log.error("database error, retrying with backoff: %s", first_line(exc))
+                    log.error("database unavailable, retrying with backoff: %s", first_line(exc))
                 self._db_failing = True
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_CAP)
+                self.stop.wait(db_backoff)
+                db_backoff = min(db_backoff * 2, BACKOFF_CAP)
                 continue
             if self._db_failing:
                 log.info("database reachable again")
                 self._db_failing = False
-            backoff = BACKOFF_START
+            db_backoff = BACKOFF_START
             if self._broker_failing:
                 self.stop.wait(broker_backoff)
                 broker_backoff = min(broker_backoff * 2, BACKOFF_CAP)
                 continue
             broker_backoff = BACKOFF_START
-            if claimed < self.batch_size:
+            if claimed < self.settings.batch_size:
                 # A full batch means more is waiting: poll again at once; otherwise rest.
-                self.stop.wait(self.poll_interval)
+                self.stop.wait(self.settings.poll_interval)

@@ -6,22 +6,22 @@ import logging
 import os
 import signal
 import socket
-import threading
 from multiprocessing.queues import Queue
 from typing import Any
 
 from pool.config import Settings
 from pool.logs import setup_logging
+from pool.poller import StopSignal
 
 log = logging.getLogger(__name__)
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
+def _stop_on_signals(stop: StopSignal) -> None:
     def _handler(signum: int, _frame: Any) -> None:
         if stop.is_set():
             return
         log.info("received %s: finishing the in-flight batch", signal.Signals(signum).name)
-        stop.set()
+        stop.request()
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
@@ -30,29 +30,30 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def poller_main(settings: Settings, index: int, shard_count: int, events: Queue) -> None:
-    """Claim -> publish -> ack until SIGTERM/SIGINT; the in-flight batch is always finished."""
-    stop = threading.Event()
+    """Claim -> publish -> ack until SIGTERM/SIGINT; then finish or release the in-flight batch."""
+    # Keep a margin inside the supervisor's timeout for releasing what could not be published.
+    stop = StopSignal(grace=max(0.5, settings.shutdown_timeout * 0.8))
     _stop_on_signals(stop)
     setup_logging(settings.log_level, f"poller-{index}")
     # Imported here, after the supervisor set PROMETHEUS_MULTIPROC_DIR, and after fork.
     from pool.metrics import PrometheusHooks
     from pool.poller import Poller, PollerIdentity
     from pool.publisher import Publisher
+    from pool.queue_depth import QueueDepth
     from pool.store import open_store
 
     store = open_store(settings)
     publisher = Publisher(settings)
+    depth = QueueDepth(settings)
     identity = PollerIdentity(
         owner=f"{socket.gethostname()}:{os.getpid()}:{index}", index=index, shard_count=shard_count
     )
-    poller = Poller(
-        store, publisher, identity, settings.batch_size, settings.lease_seconds,
-        settings.poll_interval, stop, PrometheusHooks(index),
-    )
+    poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth)
     events.put(("ready", f"poller-{index}", os.getpid(), None))
     try:
         poller.run()
     finally:
+        depth.close()
         publisher.close()
         store.close()
     log.info("stopped")
@@ -60,7 +61,7 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Queue)
 
 def coordinator_main(settings: Settings, events: Queue) -> None:
     """Serve /metrics aggregated over every poller process until told to stop."""
-    stop = threading.Event()
+    stop = StopSignal()
     _stop_on_signals(stop)
     setup_logging(settings.log_level, "coordinator")
     from pool.coordinator import serve_metrics

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kombu.exceptions import KombuError, OperationalError
 
 from pool.broker import create_celery_app
 from pool.config import Settings
-from pool.payload import DEFAULT_MAX_PAYLOAD_BYTES, PayloadError, build_payload, task_id_for
+from pool.payload import PayloadError, build_payload, task_id_for
 from pool.redact import redact_text
 from pool.store import ClaimedRow
 
@@ -34,9 +34,9 @@ class PublishResult:
 class Publisher:
     """Publishes claimed rows as `settings.task_name` tasks with task id `signal-<id>`."""
 
-    def __init__(self, settings: Settings, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.max_payload_bytes = max_payload_bytes
+        self.max_payload_bytes = settings.max_payload_bytes
         self.app = create_celery_app(settings)
         self._connection = None
         self._producer = None
@@ -55,9 +55,14 @@ class Publisher:
             with contextlib.suppress(Exception):
                 connection.close()
 
-    def publish(self, rows: Sequence[ClaimedRow]) -> PublishResult:
+    def publish(self, rows: Sequence[ClaimedRow],
+                keep_going: Callable[[], bool] = lambda: True) -> PublishResult:
+        """Publish rows in order; once `keep_going()` is False the rest are left unsent."""
         result = PublishResult()
         for position, row in enumerate(rows):
+            if not keep_going():
+                result.unsent.extend(r.id for r in rows[position:])
+                break
             try:
                 payload = build_payload(row, self.max_payload_bytes)
             except PayloadError as exc:

@@ -22,7 +22,6 @@ from typing import Any
 
 from pool.config import Settings
 from pool.coordinator import reset_metrics_dir
-from pool.errors import ConfigError
 from pool.process_main import coordinator_main, poller_main
 
 log = logging.getLogger(__name__)
@@ -51,9 +50,9 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, shutdown_timeout: float = 30.0) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout = settings.shutdown_timeout
         self.ctx = multiprocessing.get_context("spawn")
         self.events = self.ctx.Queue()
         self.signals_seen = 0
@@ -234,7 +233,5 @@ class Supervisor:
                 self._start(child)
 
 
-def run_supervisor(settings: Settings, shutdown_timeout: float) -> int:
-    if shutdown_timeout <= 0:
-        raise ConfigError("--shutdown-timeout must be positive")
-    return Supervisor(settings, shutdown_timeout).run()
+def run_supervisor(settings: Settings) -> int:
+    return Supervisor(settings).run()

@@ -44,7 +44,26 @@ class Claim:
 @dataclass(frozen=True)
 class Counts:
     processed: int
-    unprocessed: int
+    unprocessed: int  # still to be relayed: neither processed nor dead
+    dead: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A row that failed to publish: why, when to try again, and whether it is now dead."""
+
+    id: int
+    error: str
+    retry_in: float
+    dead: bool
+
+
+@dataclass(frozen=True)
+class DeadRow:
+    id: int
+    attempts: int
+    last_error: str | None
+    age_seconds: float
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,9 @@ class SqlStore:
     def _existing_columns(self, conn: Connection) -> set[str] | None:
         raise NotImplementedError
 
+    def _age_seconds(self, column: str) -> str:
+        raise NotImplementedError
+
     def claim(self, owner: str, shard_count: int, shard: int, limit: int, lease_seconds: float) -> Claim:
         raise NotImplementedError
 
@@ -134,10 +156,11 @@ class SqlStore:
             pending = index_name(settings.table, "pool_pending")
             indexes: tuple[str, ...] = ()
             if not self._index_exists(conn, pending):
-                # Partial index: the claim walks only unprocessed rows in id order, so it
-                # stays index-driven however many processed rows pile up.
+                # Partial index: the claim walks only live unprocessed rows in id order, so
+                # it stays index-driven however many processed or dead rows pile up.
                 conn.execute(text(
-                    f"CREATE INDEX {self.q(pending)} ON {self.t} ({self.c_id}) WHERE {self.c_processed} = 0"
+                    f"CREATE INDEX {self.q(pending)} ON {self.t} ({self.c_id})"
+                    f" WHERE {self.c_processed} = 0 AND dead_at IS NULL"
                 ))
                 indexes = (pending,)
         return SchemaChanges(
@@ -174,33 +197,79 @@ class SqlStore:
         )
         return self._execute_for_ids(sql, ids, {"owner": lease.owner, "token": lease.token})
 
-    def nack(self, lease: Lease, failures: Mapping[int, str], retry_delay: float) -> int:
-        """Record a failed publish: attempts + 1, the error, and when to try again."""
+    def nack(self, lease: Lease, failures: Sequence[Failure]) -> int:
+        """Record failed publishes: attempts + 1, the error, the next try or death."""
         if not failures:
             return 0
         sql = (
             f"UPDATE {self.t} SET attempts = attempts + 1, last_error = :error,"
             f" next_attempt_at = {self._plus_seconds('delay')},"
+            f" dead_at = CASE WHEN :dead = 1 THEN {self._now()} ELSE NULL END,"
             f" lease_owner = NULL, lease_until = NULL"
             f" WHERE {self.c_id} = :id AND lease_owner = :owner AND lease_token = :token"
         )
         params = [
-            {"id": row_id, "error": error[:2000], "delay": retry_delay,
+            {"id": f.id, "error": f.error[:2000], "delay": f.retry_in, "dead": int(f.dead),
              "owner": lease.owner, "token": lease.token}
-            for row_id, error in failures.items()
+            for f in failures
         ]
         with self.engine.begin() as conn:
-            result = conn.execute(text(sql), params)
-            return result.rowcount
+            return conn.execute(text(sql), params).rowcount
 
-    def counts(self) -> Counts:
+    def extend_lease(self, lease: Lease, lease_seconds: float) -> int:
+        """Heartbeat: push the expiry of rows this lease still holds. Returns rows extended."""
         sql = (
-            f"SELECT COALESCE(SUM(CASE WHEN {self.c_processed} = 1 THEN 1 ELSE 0 END), 0),"
-            f" COALESCE(SUM(CASE WHEN {self.c_processed} = 0 THEN 1 ELSE 0 END), 0) FROM {self.t}"
+            f"UPDATE {self.t} SET lease_until = {self._plus_seconds('lease')}"
+            f" WHERE lease_owner = :owner AND lease_token = :token AND {self.c_processed} = 0"
+        )
+        with self.engine.begin() as conn:
+            params = {"owner": lease.owner, "token": lease.token, "lease": lease_seconds}
+            return conn.execute(text(sql), params).rowcount
+
+    # --- dead letters ----------------------------------------------------------------
+    def list_dead(self, limit: int = 100) -> list[DeadRow]:
+        sql = (
+            f"SELECT {self.c_id}, attempts, last_error, {self._age_seconds('dead_at')} FROM {self.t}"
+            f" WHERE dead_at IS NOT NULL ORDER BY dead_at, {self.c_id} LIMIT :limit"
         )
         with self.engine.connect() as conn:
-            processed, unprocessed = conn.execute(text(sql)).one()
-        return Counts(processed=int(processed), unprocessed=int(unprocessed))
+            rows = conn.execute(text(sql), {"limit": limit}).all()
+        return [DeadRow(int(r[0]), int(r[1]), r[2], float(r[3] or 0.0)) for r in rows]
+
+    def count_dead(self) -> int:
+        with self.engine.connect() as conn:
+            sql = f"SELECT COUNT(*) FROM {self.t} WHERE dead_at IS NOT NULL"
+            return int(conn.execute(text(sql)).scalar_one())
+
+    def requeue_dead(self, ids: Sequence[int] | None) -> int:
+        """Give dead rows a fresh start (all of them when ids is None)."""
+        reset = (
+            f"UPDATE {self.t} SET dead_at = NULL, attempts = 0, next_attempt_at = NULL,"
+            f" lease_owner = NULL, lease_until = NULL WHERE dead_at IS NOT NULL"
+        )
+        if ids is None:
+            with self.engine.begin() as conn:
+                return conn.execute(text(reset)).rowcount
+        return self._execute_for_ids(f"{reset} AND {self._ids_clause()}", ids, {})
+
+    def purge_dead(self, older_than_seconds: float) -> int:
+        sql = (
+            f"DELETE FROM {self.t} WHERE dead_at IS NOT NULL"
+            f" AND {self._age_seconds('dead_at')} >= :age"
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(text(sql), {"age": older_than_seconds}).rowcount
+
+    def counts(self) -> Counts:
+        p = self.c_processed
+        sql = (
+            f"SELECT COALESCE(SUM(CASE WHEN {p} = 1 THEN 1 ELSE 0 END), 0),"
+            f" COALESCE(SUM(CASE WHEN {p} = 0 AND dead_at IS NULL THEN 1 ELSE 0 END), 0),"
+            f" COALESCE(SUM(CASE WHEN dead_at IS NOT NULL THEN 1 ELSE 0 END), 0) FROM {self.t}"
+        )
+        with self.engine.connect() as conn:
+            processed, unprocessed, dead = conn.execute(text(sql)).one()
+        return Counts(processed=int(processed), unprocessed=int(unprocessed), dead=int(dead))
 
     def db_now(self) -> datetime | str:
         with self.engine.connect() as conn:

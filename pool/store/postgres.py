@@ -17,6 +17,7 @@ RELAY_COLUMN_TYPES = {
     "attempts": "INTEGER NOT NULL DEFAULT 0",
     "next_attempt_at": "TIMESTAMPTZ",
     "last_error": "TEXT",
+    "dead_at": "TIMESTAMPTZ",
 }
 
 
@@ -51,6 +52,9 @@ class PostgresStore(SqlStore):
     def _plus_seconds(self, param: str) -> str:
         return f"clock_timestamp() + make_interval(secs => :{param})"
 
+    def _age_seconds(self, column: str) -> str:
+        return f"EXTRACT(EPOCH FROM clock_timestamp() - {column})"
+
     def _ids_clause(self) -> str:
         return f"{self.c_id} = ANY(:ids)"
 
@@ -77,7 +81,7 @@ class PostgresStore(SqlStore):
         sql = f"""
             WITH picked AS (
                 SELECT {self.c_id} FROM {self.t}
-                WHERE {self.c_processed} = 0
+                WHERE {self.c_processed} = 0 AND dead_at IS NULL
                   AND {self.c_id} % :shard_count = :shard
                   -- re-pick rule: a row is free when unleased or when its lease ran out
                   -- (its poller died or stalled); a live holder keeps the row locked-out.

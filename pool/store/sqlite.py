@@ -22,9 +22,14 @@ RELAY_COLUMN_TYPES = {
     "attempts": "INTEGER NOT NULL DEFAULT 0",
     "next_attempt_at": "TEXT",
     "last_error": "TEXT",
+    "dead_at": "TEXT",
 }
 
 BUSY_TIMEOUT_MS = 30_000
+
+
+def _decode_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def configure_sqlite_engine(engine: Engine) -> None:
@@ -35,6 +40,9 @@ def configure_sqlite_engine(engine: Engine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Python's sqlite3 would otherwise open its own deferred transactions.
         dbapi_connection.isolation_level = None
+        # Invalid UTF-8 in one row would otherwise fail the whole batch's fetch; decoded this
+        # way it reaches the payload check, which rejects that row alone.
+        dbapi_connection.text_factory = _decode_text
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA journal_mode = WAL")
@@ -84,6 +92,9 @@ class SqliteStore(SqlStore):
             )
         super().check_schema()
 
+    def _age_seconds(self, column: str) -> str:
+        return f"(julianday('now') - julianday({column})) * 86400.0"
+
     def _existing_columns(self, conn: Connection) -> set[str] | None:
         rows = conn.execute(text(f"PRAGMA table_info({self.t})")).all()
         return {r[1] for r in rows} or None
@@ -98,7 +109,7 @@ class SqliteStore(SqlStore):
                    lease_until = {self._plus_seconds('lease')}
              WHERE {self.c_id} IN (
                 SELECT {self.c_id} FROM {self.t}
-                 WHERE {self.c_processed} = 0
+                 WHERE {self.c_processed} = 0 AND dead_at IS NULL
                    AND {self.c_id} % :shard_count = :shard
                    -- re-pick rule: free when unleased or when its lease ran out
                    AND (lease_until IS NULL OR lease_until < {NOW})

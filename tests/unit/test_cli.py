@@ -92,11 +92,17 @@ def test_start_help_shows_start_only_flags(runner: CliRunner) -> None:
         ("--workers", "PULSE_WORKERS"),
         ("--batch-size", "PULSE_BATCH_SIZE"),
         ("--metrics-port", "PULSE_METRICS_PORT"),
-        ("--shutdown-timeout", None),
+        ("--shutdown-timeout", "PULSE_SHUTDOWN_TIMEOUT"),
+        ("--max-attempts", "PULSE_MAX_ATTEMPTS"),
     ]:
         assert flag in result.output
-        if variable:
-            assert variable in result.output
+        assert variable in result.output
+
+
+def test_shutdown_timeout_is_a_start_flag_only(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["status", "--shutdown-timeout", "5"], env=runner_env())
+    assert result.exit_code == 2
+    assert "No such option" in result.output
 
 
 def test_help_does_not_touch_the_database(runner: CliRunner, tmp_path: Path) -> None:
@@ -121,6 +127,21 @@ def test_help_does_not_touch_the_database(runner: CliRunner, tmp_path: Path) -> 
         (["seed", "--log-level", "loud"], {}, "PULSE_LOG_LEVEL"),
         (["scores", "--queue", "bad queue"], {}, "PULSE_QUEUE"),
         (["worker"], {"PULSE_DB_COLUMN_NAME": "id"}, "PULSE_DB_COLUMN"),
+        (["start", "--shutdown-timeout", "0"], {}, "PULSE_SHUTDOWN_TIMEOUT"),
+        (["start", "--shutdown-timeout", "soon"], {}, "PULSE_SHUTDOWN_TIMEOUT"),
+        (["start"], {"PULSE_SHUTDOWN_TIMEOUT": "-1"}, "PULSE_SHUTDOWN_TIMEOUT"),
+        (["start", "--max-attempts", "0"], {}, "PULSE_MAX_ATTEMPTS"),
+        (
+            ["status"],
+            {"PULSE_BACKPRESSURE_HIGH": "10", "PULSE_BACKPRESSURE_LOW": "20"},
+            "PULSE_BACKPRESSURE_LOW",
+        ),
+        (
+            ["start"],
+            {"PULSE_RETRY_BASE_SECONDS": "60", "PULSE_RETRY_CAP_SECONDS": "1"},
+            "PULSE_RETRY_CAP_SECONDS",
+        ),
+        (["status"], {"PULSE_DB_COLUMN_SOURCE": "dead_at"}, "PULSE_DB_COLUMN"),
     ],
 )
 def test_invalid_configuration_raises_config_error_before_any_work(
@@ -194,6 +215,8 @@ def test_subprocess_version(tmp_path: Path) -> None:
         (["scores"], {"PULSE_LOG_LEVEL": "chatty"}, "PULSE_LOG_LEVEL"),
         (["status"], {"PULSE_DB_COLUMN_VALUE": "name"}, "PULSE_DB_COLUMN"),
         (["status", "--db-url", "sqlite://"], {}, "PULSE_DB_URL"),
+        (["start", "--shutdown-timeout", "0"], {}, "PULSE_SHUTDOWN_TIMEOUT"),
+        (["start"], {"PULSE_MAX_PAYLOAD_BYTES": "1"}, "PULSE_MAX_PAYLOAD_BYTES"),
     ],
 )
 def test_invalid_configuration_exits_2_with_one_error_line(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pool.config import ENVIRONMENT, Columns, Settings, load_settings
+from pool.config import ENVIRONMENT, RELAY_COLUMNS, Columns, Settings, load_settings
 from pool.errors import ConfigError, PoolError
 
 
@@ -39,6 +39,17 @@ def test_defaults_without_any_environment() -> None:
     assert settings.columns == Columns()
     assert (settings.columns.id, settings.columns.name, settings.columns.value) == ("id", "name", "value")
     assert settings.columns.processed == "processed"
+
+
+def test_defaults_of_retry_backpressure_and_shutdown_settings() -> None:
+    settings = load_settings(environ={})
+    assert settings.retry_base_seconds == 1.0
+    assert settings.retry_cap_seconds == 300.0
+    assert settings.max_attempts == 5
+    assert settings.max_payload_bytes == 65536
+    assert settings.backpressure_high == 500_000
+    assert settings.backpressure_low == 250_000
+    assert settings.shutdown_timeout == 30.0
 
 
 def test_load_settings_ignores_unrelated_environment() -> None:
@@ -80,6 +91,13 @@ def test_environment_overrides_defaults() -> None:
             "PULSE_DB_COLUMN_SOURCE": "origin",
             "PULSE_DB_COLUMN_TIMESTAMP": "created_at",
             "PULSE_DB_COLUMN_PROCESSED": "done",
+            "PULSE_RETRY_BASE_SECONDS": "0.5",
+            "PULSE_RETRY_CAP_SECONDS": "60",
+            "PULSE_MAX_ATTEMPTS": "8",
+            "PULSE_MAX_PAYLOAD_BYTES": "1024",
+            "PULSE_BACKPRESSURE_HIGH": "1000",
+            "PULSE_BACKPRESSURE_LOW": "100",
+            "PULSE_SHUTDOWN_TIMEOUT": "12.5",
         }
     )
     assert settings.db_url == "postgresql://u:p@db:5432/pulse"
@@ -103,6 +121,13 @@ def test_environment_overrides_defaults() -> None:
         timestamp="created_at",
         processed="done",
     )
+    assert settings.retry_base_seconds == 0.5
+    assert settings.retry_cap_seconds == 60.0
+    assert settings.max_attempts == 8
+    assert settings.max_payload_bytes == 1024
+    assert settings.backpressure_high == 1000
+    assert settings.backpressure_low == 100
+    assert settings.shutdown_timeout == 12.5
 
 
 def test_overrides_beat_environment() -> None:
@@ -119,6 +144,13 @@ def test_overrides_beat_defaults_without_environment() -> None:
     assert settings.metrics_port == 0
     assert settings.columns.id == "pk"
     assert settings.columns.name == "name"
+
+
+def test_cli_overrides_of_new_settings_beat_environment() -> None:
+    environ = {"PULSE_SHUTDOWN_TIMEOUT": "10", "PULSE_MAX_ATTEMPTS": "3"}
+    settings = load_settings(environ=environ, overrides={"shutdown_timeout": "2", "max_attempts": "9"})
+    assert settings.shutdown_timeout == 2.0
+    assert settings.max_attempts == 9
 
 
 def test_none_override_means_unset() -> None:
@@ -186,6 +218,20 @@ def test_config_error_is_a_pool_error_with_exit_code_2() -> None:
         ("PULSE_DB_TABLE", "_t", "table", "_t"),
         ("PULSE_DB_TABLE", "T" + "x" * 62, "table", "T" + "x" * 62),
         ("PULSE_LOG_LEVEL", "error", "log_level", "ERROR"),
+        ("PULSE_RETRY_BASE_SECONDS", "0.001", "retry_base_seconds", 0.001),
+        ("PULSE_RETRY_BASE_SECONDS", "300", "retry_base_seconds", 300.0),
+        ("PULSE_RETRY_CAP_SECONDS", "1", "retry_cap_seconds", 1.0),
+        ("PULSE_RETRY_CAP_SECONDS", "86400", "retry_cap_seconds", 86400.0),
+        ("PULSE_MAX_ATTEMPTS", "1", "max_attempts", 1),
+        ("PULSE_MAX_ATTEMPTS", "1000", "max_attempts", 1000),
+        ("PULSE_MAX_PAYLOAD_BYTES", "256", "max_payload_bytes", 256),
+        ("PULSE_MAX_PAYLOAD_BYTES", str(512 * 1024 * 1024), "max_payload_bytes", 512 * 1024 * 1024),
+        ("PULSE_BACKPRESSURE_HIGH", "0", "backpressure_high", 0),
+        ("PULSE_BACKPRESSURE_HIGH", "1000000000", "backpressure_high", 1_000_000_000),
+        ("PULSE_BACKPRESSURE_LOW", "0", "backpressure_low", 0),
+        ("PULSE_BACKPRESSURE_LOW", "499999", "backpressure_low", 499_999),
+        ("PULSE_SHUTDOWN_TIMEOUT", "0.1", "shutdown_timeout", 0.1),
+        ("PULSE_SHUTDOWN_TIMEOUT", "3600", "shutdown_timeout", 3600.0),
     ],
 )
 def test_valid_edge_values_are_accepted(variable: str, raw: str, attribute: str, expected: object) -> None:
@@ -247,6 +293,41 @@ INVALID = [
     ("PULSE_LEASE_SECONDS", "nan"),
     ("PULSE_LEASE_SECONDS", "infinity"),
     ("PULSE_LEASE_SECONDS", "1m"),
+    # retries
+    ("PULSE_RETRY_BASE_SECONDS", "0"),
+    ("PULSE_RETRY_BASE_SECONDS", "-1"),
+    ("PULSE_RETRY_BASE_SECONDS", "nan"),
+    ("PULSE_RETRY_BASE_SECONDS", "1s"),
+    ("PULSE_RETRY_BASE_SECONDS", "86401"),
+    ("PULSE_RETRY_CAP_SECONDS", "0"),
+    ("PULSE_RETRY_CAP_SECONDS", "inf"),
+    ("PULSE_RETRY_CAP_SECONDS", "86401"),
+    ("PULSE_RETRY_CAP_SECONDS", "5m"),
+    ("PULSE_MAX_ATTEMPTS", "0"),
+    ("PULSE_MAX_ATTEMPTS", "-1"),
+    ("PULSE_MAX_ATTEMPTS", "1001"),
+    ("PULSE_MAX_ATTEMPTS", "2.5"),
+    ("PULSE_MAX_ATTEMPTS", "five"),
+    # payload size
+    ("PULSE_MAX_PAYLOAD_BYTES", "255"),
+    ("PULSE_MAX_PAYLOAD_BYTES", "0"),
+    ("PULSE_MAX_PAYLOAD_BYTES", "64k"),
+    ("PULSE_MAX_PAYLOAD_BYTES", str(512 * 1024 * 1024 + 1)),
+    # backpressure
+    ("PULSE_BACKPRESSURE_HIGH", "-1"),
+    ("PULSE_BACKPRESSURE_HIGH", "1e6"),
+    ("PULSE_BACKPRESSURE_HIGH", "1000000001"),
+    ("PULSE_BACKPRESSURE_HIGH", "off"),
+    ("PULSE_BACKPRESSURE_LOW", "-1"),
+    ("PULSE_BACKPRESSURE_LOW", "half"),
+    # shutdown
+    ("PULSE_SHUTDOWN_TIMEOUT", "0"),
+    ("PULSE_SHUTDOWN_TIMEOUT", "0.05"),
+    ("PULSE_SHUTDOWN_TIMEOUT", "-5"),
+    ("PULSE_SHUTDOWN_TIMEOUT", "nan"),
+    ("PULSE_SHUTDOWN_TIMEOUT", "inf"),
+    ("PULSE_SHUTDOWN_TIMEOUT", "3601"),
+    ("PULSE_SHUTDOWN_TIMEOUT", "30s"),
     # URLs
     ("PULSE_DB_URL", "mysql://x"),
     ("PULSE_DB_URL", "mysql+pymysql://u:p@h/db"),
@@ -354,8 +435,77 @@ def test_swapping_column_names_is_allowed() -> None:
 
 @pytest.mark.parametrize(
     "environ",
-    [{"PULSE_DB_COLUMN_SOURCE": "last_error"}, {"PULSE_DB_COLUMN_NAME": "attempts"}],
+    [
+        {"PULSE_DB_COLUMN_SOURCE": "last_error"},
+        {"PULSE_DB_COLUMN_NAME": "attempts"},
+        {"PULSE_DB_COLUMN_TIMESTAMP": "dead_at"},
+    ],
 )
 def test_column_name_equal_to_a_relay_column_is_rejected(environ: dict[str, str]) -> None:
     error = raises_config_error(environ=environ)
     assert_one_line_naming(error, "PULSE_DB_COLUMN")
+
+
+def test_dead_at_is_a_relay_column() -> None:
+    assert "dead_at" in RELAY_COLUMNS
+
+
+@pytest.mark.parametrize("relay_column", RELAY_COLUMNS)
+def test_no_seed_column_may_take_any_relay_column_name(relay_column: str) -> None:
+    error = raises_config_error(overrides={"column_processed": relay_column})
+    assert_one_line_naming(error, "PULSE_DB_COLUMN")
+    assert relay_column in str(error)
+
+
+# --- settings checked against each other ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"PULSE_RETRY_BASE_SECONDS": "10", "PULSE_RETRY_CAP_SECONDS": "5"},
+        {"PULSE_RETRY_BASE_SECONDS": "301"},  # above the default cap of 300
+        {"PULSE_RETRY_CAP_SECONDS": "0.5"},  # below the default base of 1
+    ],
+)
+def test_retry_cap_below_base_is_rejected(environ: dict[str, str]) -> None:
+    error = raises_config_error(environ=environ)
+    assert_one_line_naming(error, "PULSE_RETRY_CAP_SECONDS")
+    assert "PULSE_RETRY_BASE_SECONDS" in str(error)
+
+
+def test_retry_cap_equal_to_base_is_accepted() -> None:
+    settings = load_settings(environ={"PULSE_RETRY_BASE_SECONDS": "7", "PULSE_RETRY_CAP_SECONDS": "7"})
+    assert settings.retry_base_seconds == settings.retry_cap_seconds == 7.0
+
+
+def test_retry_cap_below_base_via_flags_is_rejected() -> None:
+    error = raises_config_error(overrides={"retry_base_seconds": "60", "retry_cap_seconds": "30"})
+    assert_one_line_naming(error, "PULSE_RETRY_CAP_SECONDS")
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"PULSE_BACKPRESSURE_HIGH": "100", "PULSE_BACKPRESSURE_LOW": "100"},
+        {"PULSE_BACKPRESSURE_HIGH": "100", "PULSE_BACKPRESSURE_LOW": "200"},
+        {"PULSE_BACKPRESSURE_LOW": "500000"},  # equal to the default high
+        {"PULSE_BACKPRESSURE_HIGH": "1", "PULSE_BACKPRESSURE_LOW": "1"},
+    ],
+)
+def test_backpressure_low_not_below_high_is_rejected(environ: dict[str, str]) -> None:
+    error = raises_config_error(environ=environ)
+    assert_one_line_naming(error, "PULSE_BACKPRESSURE_LOW")
+    assert "PULSE_BACKPRESSURE_HIGH" in str(error)
+
+
+def test_backpressure_low_just_below_high_is_accepted() -> None:
+    settings = load_settings(environ={"PULSE_BACKPRESSURE_HIGH": "100", "PULSE_BACKPRESSURE_LOW": "99"})
+    assert (settings.backpressure_high, settings.backpressure_low) == (100, 99)
+
+
+@pytest.mark.parametrize("low", ["0", "250000", "999999999"])
+def test_backpressure_high_0_turns_it_off_whatever_low_is(low: str) -> None:
+    settings = load_settings(environ={"PULSE_BACKPRESSURE_HIGH": "0", "PULSE_BACKPRESSURE_LOW": low})
+    assert settings.backpressure_high == 0
+    assert settings.backpressure_low == int(low)

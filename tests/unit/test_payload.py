@@ -215,12 +215,38 @@ def test_payload_error_message_for_long_garbage_is_short() -> None:
 # --- text fields and NULLs -----------------------------------------------------------
 
 
-def test_null_name_value_source_pass_as_none() -> None:
-    payload = build_payload(row(name=None, value=None, source=None))
-    assert payload["name"] is None
-    assert payload["value"] is None
+def test_null_source_and_timestamp_pass_as_json_null() -> None:
+    payload = build_payload(row(source=None, timestamp=None))
     assert payload["source"] is None
-    assert json.loads(strict_json(payload))["value"] is None
+    assert payload["timestamp"] is None
+    assert payload["name"] == "temperature" and payload["value"] == 21.5
+    decoded = json.loads(strict_json(payload))
+    assert decoded["source"] is None and decoded["timestamp"] is None
+
+
+def test_null_name_is_rejected() -> None:
+    with pytest.raises(PayloadError) as info:
+        build_payload(row(name=None))
+    assert str(info.value) == "name is NULL"
+
+
+def test_null_value_is_rejected() -> None:
+    with pytest.raises(PayloadError) as info:
+        build_payload(row(value=None))
+    assert str(info.value) == "value is NULL"
+
+
+def test_null_is_reported_as_null_not_as_a_bad_number() -> None:
+    # The message ends up in last_error; an operator must see the row is missing data.
+    with pytest.raises(PayloadError, match="NULL"):
+        build_payload(row(name=None, value=None, source=None, timestamp=None))
+
+
+@pytest.mark.parametrize(("field", "empty"), [("name", ""), ("value", 0), ("value", 0.0)])
+def test_falsy_but_present_name_and_value_are_not_null(field: str, empty: object) -> None:
+    payload = build_payload(row(**{field: empty}))
+    assert payload[field] == empty
+    assert payload[field] is not None
 
 
 def test_unicode_text_is_kept() -> None:
@@ -294,7 +320,8 @@ def test_size_counts_utf8_bytes_not_characters() -> None:
     "candidate",
     [
         row(),
-        row(name=None, value=None, source=None, timestamp=None),
+        row(source=None, timestamp=None),
+        row(name="", value=0),
         row(value=Decimal("1.1"), timestamp=datetime(2020, 1, 1)),
         row(value="2.5", timestamp="2020-01-01 00:00:00.5"),
         row(value=10**30, timestamp=0),

@@ -1,40 +1,80 @@
-"""Poller: claim -> publish -> ack accepted / nack rejected / release unsent, and a stoppable loop."""
+"""Poller: claim -> publish -> ack accepted / nack rejected / release unsent, and a stoppable loop.
+
+Everything runs synchronously against fakes: the stop signal's waits return at once and are
+recorded, settling retries sleep on a fake clock, and backpressure depths come from a script.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
+import pool.poller
+from pool.config import Settings, load_settings
 from pool.poller import (
     BACKOFF_CAP,
     BACKOFF_START,
-    REJECTED_RETRY_SECONDS,
+    BatchOutcome,
+    LeaseHeartbeat,
     Poller,
     PollerIdentity,
+    StopSignal,
 )
 from pool.publisher import PublishResult
 from pool.store import Claim, ClaimedRow, Lease
+from pool.store.base import Failure
 
 IDENTITY = PollerIdentity(owner="host:123:0", index=1, shard_count=3)
 
+# Test settings: retries of 2 s doubling up to 10 s, the third failed attempt is fatal.
+BASE, CAP, MAX_ATTEMPTS = 2.0, 10.0, 3
 
-def make_rows(*ids: int) -> list[ClaimedRow]:
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "batch_size": 5,
+        "lease_seconds": 42,
+        "poll_interval": 0.2,
+        "retry_base_seconds": BASE,
+        "retry_cap_seconds": CAP,
+        "max_attempts": MAX_ATTEMPTS,
+        "backpressure_high": 0,
+    }
+    values.update(overrides)
+    return load_settings(environ={}, overrides=values)
+
+
+def make_rows(*ids: int, attempts: Mapping[int, int] | None = None) -> list[ClaimedRow]:
+    attempts = attempts or {}
     return [
-        ClaimedRow(id=i, name=f"n{i}", value=float(i), source="s", timestamp=None, attempts=0) for i in ids
+        ClaimedRow(
+            id=i, name=f"n{i}", value=float(i), source="s", timestamp=None, attempts=attempts.get(i, 0)
+        )
+        for i in ids
     ]
 
 
-def db_error() -> OperationalError:
-    return OperationalError("SELECT 1", {}, Exception("could not connect to server\nDETAIL: noise"))
+def db_error(message: str = "could not connect to server\nDETAIL: noise") -> OperationalError:
+    return OperationalError("SELECT 1", {}, Exception(message))
+
+
+def capped_exponential(attempt: int) -> float:
+    return min(CAP, BASE * 2 ** (attempt - 1))
+
+
+# --- fakes ---------------------------------------------------------------------------
 
 
 class FakeStore:
-    """Hands out scripted claims and records every ack/nack/release with the lease it got."""
+    """Hands out scripted claims and records every settling call with the lease it got."""
 
     def __init__(self, batches: Iterable[list[ClaimedRow] | Exception] = (), lost: int = 0) -> None:
         self.batches = list(batches)
@@ -42,8 +82,12 @@ class FakeStore:
         self.claims: list[dict[str, Any]] = []
         self.leases: list[Lease] = []
         self.acks: list[tuple[Lease, list[int]]] = []
-        self.nacks: list[tuple[Lease, dict[int, str], float]] = []
+        self.nacks: list[tuple[Lease, list[Failure]]] = []
         self.releases: list[tuple[Lease, list[int]]] = []
+        self.extends: list[tuple[Lease, float]] = []
+        self.calls: dict[str, int] = {"ack": 0, "nack": 0, "release": 0}
+        # method name -> errors its next calls raise, in order, before it succeeds
+        self.errors: dict[str, list[Exception]] = {"ack": [], "nack": [], "release": []}
         self.on_claim: Callable[[int], None] = lambda n: None
 
     def claim(self, owner: str, shard_count: int, shard: int, limit: int, lease_seconds: float) -> Claim:
@@ -64,23 +108,44 @@ class FakeStore:
         self.leases.append(lease)
         return Claim(lease=lease, rows=list(batch))
 
+    def _maybe_fail(self, method: str) -> None:
+        self.calls[method] += 1
+        if self.errors[method]:
+            raise self.errors[method].pop(0)
+
     def ack(self, lease: Lease, ids: Iterable[int]) -> int:
+        self._maybe_fail("ack")
         ids = list(ids)
         self.acks.append((lease, ids))
         return max(len(ids) - self.lost, 0)
 
-    def nack(self, lease: Lease, failures: Mapping[int, str], retry_delay: float) -> int:
-        self.nacks.append((lease, dict(failures), retry_delay))
+    def nack(self, lease: Lease, failures: Sequence[Failure]) -> int:
+        self._maybe_fail("nack")
+        self.nacks.append((lease, list(failures)))
         return len(failures)
 
     def release(self, lease: Lease, ids: Iterable[int]) -> int:
+        self._maybe_fail("release")
         ids = list(ids)
         self.releases.append((lease, ids))
         return len(ids)
 
+    def extend_lease(self, lease: Lease, lease_seconds: float) -> int:
+        self.extends.append((lease, lease_seconds))
+        return 1
+
+    # what was settled, without the leases
+    def acked_ids(self) -> list[list[int]]:
+        return [ids for _lease, ids in self.acks if ids]
+
+    def released_ids(self) -> list[list[int]]:
+        return [ids for _lease, ids in self.releases]
+
 
 class FakePublisher:
-    """Publishes by a rule: ids in `reject` are rejected, everything from `fail_at` on is unsent."""
+    """Publishes by rule, honouring keep_going like the real one.
+
+    Ids in `reject` are rejected; everything from id `fail_at` on is unsent (broker down)."""
 
     def __init__(
         self,
@@ -92,13 +157,17 @@ class FakePublisher:
         self.fail_at = fail_at
         self.broker_error = broker_error
         self.published: list[list[int]] = []
-        self.on_publish: Callable[[Sequence[ClaimedRow]], None] = lambda rows: None
+        self.after_row: Callable[[int], None] = lambda row_id: None
 
-    def publish(self, rows: Sequence[ClaimedRow]) -> PublishResult:
+    def publish(
+        self, rows: Sequence[ClaimedRow], keep_going: Callable[[], bool] = lambda: True
+    ) -> PublishResult:
         self.published.append([r.id for r in rows])
-        self.on_publish(rows)
         result = PublishResult()
         for position, row in enumerate(rows):
+            if not keep_going():
+                result.unsent.extend(r.id for r in rows[position:])
+                break
             if self.fail_at is not None and row.id >= self.fail_at:
                 result.unsent.extend(r.id for r in rows[position:])
                 result.broker_error = self.broker_error
@@ -107,127 +176,221 @@ class FakePublisher:
                 result.rejected[row.id] = self.reject[row.id]
             else:
                 result.accepted.append(row.id)
+            self.after_row(row.id)
         return result
 
 
 class RecordingHooks:
     def __init__(self) -> None:
-        self.batches: list[tuple[int, PublishResult, int, float]] = []
+        self.outcomes: list[BatchOutcome] = []
         self.database_errors = 0
+        self.backpressure_changes: list[bool] = []
 
-    def batch_done(self, claimed: int, result: PublishResult, acked: int, seconds: float) -> None:
-        self.batches.append((claimed, result, acked, seconds))
+    def batch_done(self, outcome: BatchOutcome) -> None:
+        self.outcomes.append(outcome)
 
     def database_error(self) -> None:
         self.database_errors += 1
 
+    def backpressure(self, paused: bool) -> None:
+        self.backpressure_changes.append(paused)
 
-class RecordingEvent(threading.Event):
-    """A stop event whose waits return at once and are recorded, so the loop runs synchronously."""
+
+class RecordingStop(StopSignal):
+    """A stop signal whose waits return at once and are recorded, so run() is synchronous."""
+
+    def __init__(self, grace: float = math.inf, log: list[Any] | None = None) -> None:
+        super().__init__(grace)
+        self.waits: list[float | None] = []
+        self.log = log if log is not None else []
+
+    def wait(self, seconds: float | None = None) -> bool:
+        self.waits.append(seconds)
+        self.log.append(("wait", seconds))
+        return self.is_set()
+
+
+class ScriptedProbe:
+    """Queue depths in order; once the script runs out, the last one repeats."""
+
+    def __init__(self, depths: Iterable[int | None]) -> None:
+        self.depths = list(depths)
+        self.calls = 0
+
+    def depth(self) -> int | None:
+        self.calls += 1
+        return self.depths.pop(0) if len(self.depths) > 1 else self.depths[0]
+
+
+class FakeClock:
+    """Stands in for the `time` module inside pool.poller: sleeping only moves the clock."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.waits: list[float | None] = []
+        self.now = 1000.0
+        self.sleeps: list[float] = []
 
-    def wait(self, timeout: float | None = None) -> bool:
-        self.waits.append(timeout)
-        return self.is_set()
+    def monotonic(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class UpperBoundRng(random.Random):
+    """Jitter always at its maximum, so delays are exactly the capped exponential."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(pool.poller, "time", fake)
+    return fake
 
 
 def make_poller(
     store: FakeStore,
-    publisher: FakePublisher,
-    batch_size: int = 5,
-    stop: threading.Event | None = None,
+    publisher: FakePublisher | None = None,
+    stop: StopSignal | None = None,
     hooks: RecordingHooks | None = None,
-    poll_interval: float = 0.2,
+    probe: ScriptedProbe | None = None,
+    rng: random.Random | None = None,
+    **settings: Any,
 ) -> Poller:
     return Poller(
         store,
-        publisher,
+        publisher or FakePublisher(),
         IDENTITY,
-        batch_size=batch_size,
-        lease_seconds=42.0,
-        poll_interval=poll_interval,
-        stop=stop or RecordingEvent(),
-        hooks=hooks,
+        make_settings(**settings),
+        stop or RecordingStop(),
+        hooks,
+        probe,
+        rng,
     )
 
 
-# --- run_once ------------------------------------------------------------------------
+# --- run_once: claiming --------------------------------------------------------------
 
 
-def test_empty_claim_returns_zero_and_publishes_nothing() -> None:
+def test_empty_claim_returns_zero_and_settles_nothing() -> None:
     store, publisher, hooks = FakeStore([[]]), FakePublisher(), RecordingHooks()
     assert make_poller(store, publisher, hooks=hooks).run_once() == 0
     assert publisher.published == []
     assert store.acks == store.nacks == store.releases == []
-    assert hooks.batches == []
+    assert hooks.outcomes == []
 
 
 def test_claim_uses_identity_batch_size_and_lease_seconds() -> None:
     store = FakeStore([[]])
-    make_poller(store, FakePublisher(), batch_size=7).run_once()
+    make_poller(store, batch_size=7, lease_seconds=42).run_once()
     assert store.claims == [
         {"owner": "host:123:0", "shard_count": 3, "shard": 1, "limit": 7, "lease_seconds": 42.0}
     ]
 
 
-def test_all_accepted_rows_are_acked_with_the_claims_lease() -> None:
+# --- run_once: settling --------------------------------------------------------------
+
+
+def test_accepted_rows_are_acked_under_the_claims_lease() -> None:
     store, publisher = FakeStore([make_rows(1, 2, 3)]), FakePublisher()
     assert make_poller(store, publisher).run_once() == 3
     assert publisher.published == [[1, 2, 3]]
     (lease,) = store.leases
     assert store.acks == [(lease, [1, 2, 3])]
     assert store.acks[0][0] is lease
-    assert store.nacks == []
-    assert store.releases == []
+    assert store.nacks == store.releases == []
 
 
-def test_rejected_rows_are_nacked_with_their_error() -> None:
+def test_rejected_rows_are_nacked_as_failures_with_their_error() -> None:
     store = FakeStore([make_rows(1, 2, 3)])
-    publisher = FakePublisher(reject={2: "value is not a finite number (nan)"})
-    assert make_poller(store, publisher).run_once() == 3
+    publisher = FakePublisher(reject={2: "value is NULL"})
+    make_poller(store, publisher).run_once()
     (lease,) = store.leases
     assert store.acks == [(lease, [1, 3])]
-    assert store.nacks == [(lease, {2: "value is not a finite number (nan)"}, REJECTED_RETRY_SECONDS)]
+    ((nack_lease, failures),) = store.nacks
+    assert nack_lease is lease
+    (failure,) = failures
+    assert isinstance(failure, Failure)
+    assert (failure.id, failure.error, failure.dead) == (2, "value is NULL", False)
     assert store.releases == []
+
+
+def test_a_rejected_row_dies_when_this_attempt_reaches_max_attempts() -> None:
+    # Claimed attempts count earlier failures; this failure is attempt number attempts + 1.
+    attempts = {1: 0, 2: MAX_ATTEMPTS - 2, 3: MAX_ATTEMPTS - 1, 4: MAX_ATTEMPTS + 4}
+    store = FakeStore([make_rows(1, 2, 3, 4, attempts=attempts)])
+    publisher = FakePublisher(reject={i: f"bad {i}" for i in attempts})
+    make_poller(store, publisher).run_once()
+    ((_lease, failures),) = store.nacks
+    assert {f.id: f.dead for f in failures} == {1: False, 2: False, 3: True, 4: True}
+    assert store.acks[0][1] == []
+
+
+def test_max_attempts_1_makes_the_first_failure_fatal() -> None:
+    store = FakeStore([make_rows(1)])
+    make_poller(store, FakePublisher(reject={1: "bad"}), max_attempts=1).run_once()
+    assert [f.dead for f in store.nacks[0][1]] == [True]
+
+
+def test_retry_in_is_the_jittered_backoff_of_the_attempt_number() -> None:
+    attempts = {1: 0, 2: 1, 3: 2, 4: 9}
+    store = FakeStore([make_rows(1, 2, 3, 4, attempts=attempts)])
+    publisher = FakePublisher(reject={i: "bad" for i in attempts})
+    make_poller(store, publisher, rng=random.Random(7), max_attempts=100).run_once()
+    ((_lease, failures),) = store.nacks
+    for failure in failures:
+        exponential = capped_exponential(attempts[failure.id] + 1)
+        assert exponential / 2 <= failure.retry_in <= exponential, failure
+    # 2, 4, 8 seconds, then capped at 10
+    assert [capped_exponential(attempts[f.id] + 1) for f in failures] == [2.0, 4.0, 8.0, 10.0]
+
+
+def test_retry_in_uses_the_configured_base_and_cap() -> None:
+    attempts = {1: 0, 2: 1, 3: 5}
+    store = FakeStore([make_rows(1, 2, 3, attempts=attempts)])
+    publisher = FakePublisher(reject={i: "bad" for i in attempts})
+    poller = make_poller(
+        store, publisher, rng=UpperBoundRng(), retry_base_seconds=3, retry_cap_seconds=20, max_attempts=10
+    )
+    poller.run_once()
+    assert {f.id: f.retry_in for f in store.nacks[0][1]} == {1: 3.0, 2: 6.0, 3: 20.0}
 
 
 def test_unsent_rows_are_released_not_nacked() -> None:
     store = FakeStore([make_rows(1, 2, 3, 4)])
-    publisher = FakePublisher(fail_at=3)
-    assert make_poller(store, publisher).run_once() == 4
+    make_poller(store, FakePublisher(fail_at=3)).run_once()
     (lease,) = store.leases
     assert store.acks == [(lease, [1, 2])]
     assert store.releases == [(lease, [3, 4])]
     assert store.nacks == []
 
 
-def test_mixed_batch_settles_every_row_exactly_once() -> None:
-    store = FakeStore([make_rows(1, 2, 3, 4, 5)])
-    publisher = FakePublisher(reject={2: "bad timestamp"}, fail_at=4)
-    poller = make_poller(store, publisher)
-    assert poller.run_once() == 5
+def test_mixed_batch_settles_every_row_exactly_once_and_reports_the_outcome() -> None:
+    store = FakeStore([make_rows(1, 2, 3, 4, 5, 6, attempts={5: MAX_ATTEMPTS - 1})])
+    publisher = FakePublisher(reject={3: "bad", 4: "bad", 5: "bad"}, fail_at=6)
+    hooks = RecordingHooks()
+    assert make_poller(store, publisher, hooks=hooks).run_once() == 6
     (lease,) = store.leases
-    assert store.acks == [(lease, [1, 3])]
-    assert store.nacks == [(lease, {2: "bad timestamp"}, REJECTED_RETRY_SECONDS)]
-    assert store.releases == [(lease, [4, 5])]
-    settled = store.acks[0][1] + list(store.nacks[0][1]) + store.releases[0][1]
-    assert sorted(settled) == [1, 2, 3, 4, 5]
-
-
-def test_nothing_accepted_still_calls_ack_with_no_rows() -> None:
-    store = FakeStore([make_rows(1, 2)])
-    publisher = FakePublisher(fail_at=1)
-    make_poller(store, publisher).run_once()
-    assert [ids for _lease, ids in store.acks] in ([], [[]])
-    assert store.releases[0][1] == [1, 2]
+    assert store.acks == [(lease, [1, 2])]
+    assert [(f.id, f.dead) for f in store.nacks[0][1]] == [(3, False), (4, False), (5, True)]
+    assert store.releases == [(lease, [6])]
+    settled = store.acks[0][1] + [f.id for f in store.nacks[0][1]] + store.releases[0][1]
+    assert sorted(settled) == [1, 2, 3, 4, 5, 6]
+    (outcome,) = hooks.outcomes
+    assert (outcome.claimed, outcome.published, outcome.acked) == (6, 2, 2)
+    assert (outcome.retried, outcome.dead, outcome.unsent) == (2, 1, 1)
+    assert outcome.seconds >= 0
 
 
 def test_each_batch_is_settled_under_its_own_lease() -> None:
     store = FakeStore([make_rows(1, 2), make_rows(3)])
-    poller = make_poller(store, FakePublisher())
+    poller = make_poller(store)
     poller.run_once()
     poller.run_once()
     first, second = store.leases
@@ -235,27 +398,20 @@ def test_each_batch_is_settled_under_its_own_lease() -> None:
     assert store.acks == [(first, [1, 2]), (second, [3])]
 
 
-def test_full_batch_returns_batch_size() -> None:
-    store = FakeStore([make_rows(1, 2, 3, 4, 5)])
-    assert make_poller(store, FakePublisher(), batch_size=5).run_once() == 5
-
-
-def test_hooks_get_claimed_result_and_acked() -> None:
-    store, hooks = FakeStore([make_rows(1, 2, 3)]), RecordingHooks()
-    make_poller(store, FakePublisher(reject={3: "x"}), hooks=hooks).run_once()
-    ((claimed, result, acked, seconds),) = hooks.batches
-    assert claimed == 3
-    assert result.accepted == [1, 2] and result.rejected == {3: "x"}
-    assert acked == 2
-    assert seconds >= 0
-
-
-def test_lost_lease_is_reported_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_lost_lease_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     store, hooks = FakeStore([make_rows(1, 2, 3)], lost=1), RecordingHooks()
     with caplog.at_level(logging.WARNING, logger="pool.poller"):
-        make_poller(store, FakePublisher(), hooks=hooks).run_once()
-    assert hooks.batches[0][2] == 2
+        make_poller(store, hooks=hooks).run_once()
+    (outcome,) = hooks.outcomes
+    assert (outcome.published, outcome.acked) == (3, 2)
     assert any("lease lost on 1 of 3" in r.getMessage() for r in caplog.records)
+
+
+def test_dead_rows_are_logged_with_their_error(caplog: pytest.LogCaptureFixture) -> None:
+    store = FakeStore([make_rows(1, attempts={1: MAX_ATTEMPTS - 1})])
+    with caplog.at_level(logging.WARNING, logger="pool.poller"):
+        make_poller(store, FakePublisher(reject={1: "name is NULL"})).run_once()
+    assert any("row 1 is dead" in m and "name is NULL" in m for m in caplog.messages)
 
 
 def test_broker_outage_is_logged_once_and_recovery_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -267,116 +423,414 @@ def test_broker_outage_is_logged_once_and_recovery_once(caplog: pytest.LogCaptur
         poller.run_once()
         publisher.fail_at = None
         poller.run_once()
-    messages = [r.getMessage() for r in caplog.records]
-    assert sum("broker unavailable" in m for m in messages) == 1
-    assert sum("broker reachable again" in m for m in messages) == 1
+    assert sum("broker unavailable" in m for m in caplog.messages) == 1
+    assert sum("broker reachable again" in m for m in caplog.messages) == 1
 
 
 def test_database_error_from_claim_propagates_from_run_once() -> None:
-    store = FakeStore([db_error()])
     with pytest.raises(OperationalError):
-        make_poller(store, FakePublisher()).run_once()
+        make_poller(FakeStore([db_error()])).run_once()
+
+
+# --- graceful shutdown: keep_going ----------------------------------------------------
+
+
+def test_once_the_grace_is_spent_the_rest_of_the_batch_is_released() -> None:
+    stop = RecordingStop(grace=0)
+    store, publisher, hooks = FakeStore([make_rows(1, 2, 3, 4)]), FakePublisher(), RecordingHooks()
+    publisher.after_row = lambda row_id: stop.request() if row_id == 2 else None
+    make_poller(store, publisher, stop=stop, hooks=hooks).run_once()
+    assert store.acked_ids() == [[1, 2]]
+    assert store.released_ids() == [[3, 4]]
+    assert store.nacks == []  # a shutdown charges no attempt
+    assert (hooks.outcomes[0].published, hooks.outcomes[0].unsent) == (2, 2)
+
+
+def test_within_the_grace_the_in_flight_batch_is_finished() -> None:
+    stop = RecordingStop(grace=3600)
+    store, publisher = FakeStore([make_rows(1, 2, 3, 4)]), FakePublisher()
+    publisher.after_row = lambda row_id: stop.request() if row_id == 1 else None
+    make_poller(store, publisher, stop=stop).run_once()
+    assert store.acked_ids() == [[1, 2, 3, 4]]
+    assert store.releases == []
+
+
+def test_keep_going_turns_false_only_after_stop_and_grace() -> None:
+    stop = RecordingStop(grace=0)
+    seen: list[bool] = []
+
+    class Spy(FakePublisher):
+        def publish(self, rows: Sequence[ClaimedRow], keep_going: Callable[[], bool] = lambda: True):
+            seen.append(keep_going())
+            stop.request()
+            seen.append(keep_going())
+            return super().publish(rows, keep_going)
+
+    store = FakeStore([make_rows(1, 2)])
+    make_poller(store, Spy(), stop=stop).run_once()
+    assert seen == [True, False]
+    assert store.released_ids() == [[1, 2]]
+
+
+# --- settling through database errors (_until_done) ----------------------------------
+
+
+@pytest.mark.parametrize("method", ["ack", "nack", "release"])
+def test_a_settling_write_is_retried_through_a_database_error(clock: FakeClock, method: str) -> None:
+    store, hooks = FakeStore([make_rows(1, 2, 3)]), RecordingHooks()
+    store.errors[method] = [OperationalError("x", {}, Exception("down"))]
+    publisher = FakePublisher(reject={2: "bad"}, fail_at=3)
+    make_poller(store, publisher, hooks=hooks).run_once()
+    assert store.calls[method] == 2
+    assert clock.sleeps == [BACKOFF_START]
+    assert hooks.database_errors == 1
+    # and the batch is fully settled after all
+    assert store.acked_ids() == [[1]]
+    assert [f.id for _lease, failures in store.nacks for f in failures] == [2]
+    assert store.released_ids() == [[3]]
+    assert hooks.outcomes[0].acked == 1
+
+
+def test_settling_retries_back_off_exponentially_up_to_the_cap(clock: FakeClock) -> None:
+    store, hooks = FakeStore([make_rows(1)]), RecordingHooks()
+    store.errors["ack"] = [db_error() for _ in range(6)]
+    make_poller(store, hooks=hooks, lease_seconds=600).run_once()
+    assert clock.sleeps == [min(BACKOFF_START * 2**i, BACKOFF_CAP) for i in range(6)]
+    assert store.acked_ids() == [[1]]
+    assert hooks.database_errors == 6
+
+
+def test_until_done_raises_once_the_lease_has_run_out(clock: FakeClock) -> None:
+    hooks = RecordingHooks()
+    poller = make_poller(FakeStore(), hooks=hooks)
+    poller.heartbeat.valid_until = clock.now - 1
+    calls = []
+
+    def failing() -> int:
+        calls.append(1)
+        raise OperationalError("x", {}, Exception("down"))
+
+    with pytest.raises(OperationalError):
+        poller._until_done(failing)
+    assert calls == [1]  # no retry: the rows may already belong to another poller
+    assert clock.sleeps == []
+
+
+def test_until_done_returns_the_result_of_the_write(clock: FakeClock) -> None:
+    poller = make_poller(FakeStore())
+    poller.heartbeat.valid_until = clock.now + 60
+    results = iter([db_error(), 7])
+
+    def flaky() -> int:
+        outcome = next(results)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert poller._until_done(flaky) == 7
+
+
+def test_ack_gives_up_when_the_next_retry_would_outlive_the_lease(clock: FakeClock) -> None:
+    # lease 3 s: retry after 0.5 s (t=0.5), after 1 s (t=1.5); waiting 2 s more would pass t=3.
+    store = FakeStore([make_rows(1, 2)])
+    store.errors["ack"] = [db_error() for _ in range(10)]
+    hooks = RecordingHooks()
+    with pytest.raises(OperationalError):
+        make_poller(store, hooks=hooks, lease_seconds=3).run_once()
+    assert clock.sleeps == [0.5, 1.0]
+    assert store.calls["ack"] == 3
+    assert hooks.outcomes == []
+
+
+# --- backpressure --------------------------------------------------------------------
+
+
+@pytest.fixture
+def check_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool.poller, "DEPTH_CHECK_INTERVAL", 0)
+
+
+def test_backpressure_pauses_above_high_and_resumes_below_low(check_every_call: None) -> None:
+    depths = [3, 10, 11, 7, 10, 5, 4, 12, 2]
+    expected = [False, False, True, True, True, True, False, True, False]
+    probe, hooks = ScriptedProbe(depths), RecordingHooks()
+    poller = make_poller(FakeStore(), hooks=hooks, probe=probe, backpressure_high=10, backpressure_low=5)
+    assert [poller._must_pause() for _ in depths] == expected
+    assert probe.calls == len(depths)
+    # one report per state change, not per check
+    assert hooks.backpressure_changes == [True, False, True, False]
+
+
+@pytest.mark.parametrize("paused_before", [False, True])
+def test_unknown_depth_keeps_the_current_state(check_every_call: None, paused_before: bool) -> None:
+    first = 20 if paused_before else 0
+    probe, hooks = ScriptedProbe([first, None, None]), RecordingHooks()
+    poller = make_poller(FakeStore(), hooks=hooks, probe=probe, backpressure_high=10, backpressure_low=5)
+    assert [poller._must_pause() for _ in range(3)] == [paused_before] * 3
+    assert hooks.backpressure_changes == ([True] if paused_before else [])
+
+
+def test_backpressure_high_0_turns_it_off(check_every_call: None) -> None:
+    probe, hooks = ScriptedProbe([10**9]), RecordingHooks()
+    poller = make_poller(FakeStore(), hooks=hooks, probe=probe, backpressure_high=0, backpressure_low=5)
+    assert [poller._must_pause() for _ in range(3)] == [False] * 3
+    assert probe.calls == 0  # the broker is not even asked
+    assert hooks.backpressure_changes == []
+
+
+def test_without_a_probe_there_is_no_backpressure() -> None:
+    poller = make_poller(FakeStore(), backpressure_high=10, backpressure_low=5)
+    assert poller._must_pause() is False
+
+
+def test_depth_is_checked_at_most_once_per_interval(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool.poller, "DEPTH_CHECK_INTERVAL", 1.0)
+    probe = ScriptedProbe([20, 0])
+    poller = make_poller(FakeStore(), probe=probe, backpressure_high=10, backpressure_low=5)
+    assert poller._must_pause() is True
+    clock.now += 0.5
+    assert poller._must_pause() is True  # cached: the broker is not asked again yet
+    assert probe.calls == 1
+    clock.now += 0.5
+    assert poller._must_pause() is False
+    assert probe.calls == 2
 
 
 # --- run -----------------------------------------------------------------------------
 
 
 def test_run_returns_at_once_when_already_stopped() -> None:
-    store, stop = FakeStore([make_rows(1)]), RecordingEvent()
-    stop.set()
-    make_poller(store, FakePublisher(), stop=stop).run()
+    store, stop = FakeStore([make_rows(1)]), RecordingStop()
+    stop.request()
+    make_poller(store, stop=stop).run()
     assert store.claims == []
 
 
-def test_run_stops_when_the_stop_event_is_set() -> None:
-    stop = RecordingEvent()
+def test_run_stops_when_stop_is_requested_and_finishes_the_batch_in_flight() -> None:
+    stop = RecordingStop()
     store = FakeStore([make_rows(1), [], make_rows(2)])
-    store.on_claim = lambda n: stop.set() if n == 3 else None
-    make_poller(store, FakePublisher(), stop=stop).run()
+    store.on_claim = lambda n: stop.request() if n == 3 else None
+    make_poller(store, stop=stop).run()
     assert len(store.claims) == 3
-    # The batch in flight when stop was set is still finished and acked.
-    assert [ids for _lease, ids in store.acks] == [[1], [2]]
+    assert store.acked_ids() == [[1], [2]]
 
 
-def test_run_with_a_real_event_stops_without_sleeping() -> None:
-    stop = threading.Event()
-    store = FakeStore([make_rows(1, 2)])
-    publisher = FakePublisher()
-    publisher.on_publish = lambda rows: stop.set()
+def test_run_with_a_real_stop_signal_returns_without_sleeping() -> None:
+    stop = StopSignal()
+    store, publisher = FakeStore([make_rows(1, 2)]), FakePublisher()
+    publisher.after_row = lambda row_id: stop.request()
+    started = time.monotonic()
     make_poller(store, publisher, stop=stop, poll_interval=3600).run()
-    assert [ids for _lease, ids in store.acks] == [[1, 2]]
+    assert time.monotonic() - started < 5
+    assert store.acked_ids() == [[1, 2]]
     assert len(store.claims) == 1
 
 
-def test_in_flight_batch_is_finished_after_stop() -> None:
-    stop = RecordingEvent()
-    store = FakeStore([make_rows(1, 2, 3)])
-    publisher = FakePublisher(reject={2: "bad"}, fail_at=3)
-    publisher.on_publish = lambda rows: stop.set()
-    make_poller(store, publisher, stop=stop).run()
-    assert [ids for _lease, ids in store.acks] == [[1]]
-    assert [f for _lease, f, _d in store.nacks] == [{2: "bad"}]
-    assert [ids for _lease, ids in store.releases] == [[3]]
-
-
 def test_full_batches_are_claimed_back_to_back_then_it_rests() -> None:
-    stop = RecordingEvent()
+    log: list[Any] = []
+    stop = RecordingStop(log=log)
     store = FakeStore([make_rows(1, 2), make_rows(3, 4), make_rows(5), []])
-    store.on_claim = lambda n: stop.set() if n == 4 else None
-    make_poller(store, FakePublisher(), batch_size=2, stop=stop, poll_interval=0.2).run()
-    # No wait after the two full batches; a rest of poll_interval after the short one and the empty one.
-    assert stop.waits == [0.2, 0.2]
+
+    def on_claim(n: int) -> None:
+        log.append("claim")
+        if n == 4:
+            stop.request()
+
+    store.on_claim = on_claim
+    make_poller(store, stop=stop, batch_size=2, poll_interval=0.2).run()
+    # No wait after the two full batches; poll_interval after the short one and the empty one.
+    assert log == ["claim", "claim", "claim", ("wait", 0.2), "claim", ("wait", 0.2)]
+
+
+def test_database_error_from_claim_is_survived(caplog: pytest.LogCaptureFixture) -> None:
+    stop, hooks = RecordingStop(), RecordingHooks()
+    store = FakeStore([db_error(), make_rows(1)])
+    store.on_claim = lambda n: stop.request() if n == 2 else None
+    with caplog.at_level(logging.INFO, logger="pool.poller"):
+        make_poller(store, stop=stop, hooks=hooks).run()
+    assert hooks.database_errors == 1
+    assert stop.waits[0] == BACKOFF_START
+    assert store.acked_ids() == [[1]]
+    assert sum("database unavailable" in m for m in caplog.messages) == 1
+    assert sum("database reachable again" in m for m in caplog.messages) == 1
+    assert not any("noise" in m for m in caplog.messages)  # only the driver error's first line
 
 
 def test_database_errors_back_off_exponentially_up_to_the_cap(caplog: pytest.LogCaptureFixture) -> None:
-    stop, hooks = RecordingEvent(), RecordingHooks()
+    stop, hooks = RecordingStop(), RecordingHooks()
     failures = 10
     store = FakeStore([db_error() for _ in range(failures)] + [make_rows(1)])
-    store.on_claim = lambda n: stop.set() if n == failures + 1 else None
+    store.on_claim = lambda n: stop.request() if n == failures + 1 else None
     with caplog.at_level(logging.INFO, logger="pool.poller"):
-        make_poller(store, FakePublisher(), stop=stop, hooks=hooks).run()
+        make_poller(store, stop=stop, hooks=hooks).run()
     assert hooks.database_errors == failures
-    expected = [min(BACKOFF_START * 2**i, BACKOFF_CAP) for i in range(failures)]
-    assert stop.waits[:failures] == expected
-    assert max(stop.waits) == BACKOFF_CAP
-    assert store.acks[-1][1] == [1]  # recovered and carried on
-    messages = [r.getMessage() for r in caplog.records]
-    assert sum("database error" in m for m in messages) == 1  # logged once per outage
-    assert sum("database reachable again" in m for m in messages) == 1
-    assert not any("noise" in m for m in messages)  # only the driver error's first line
+    assert stop.waits[:failures] == [min(BACKOFF_START * 2**i, BACKOFF_CAP) for i in range(failures)]
+    assert store.acked_ids() == [[1]]  # recovered and carried on
+    assert sum("database unavailable" in m for m in caplog.messages) == 1  # once per outage
 
 
 def test_database_backoff_resets_after_success() -> None:
-    stop = RecordingEvent()
+    stop = RecordingStop()
     store = FakeStore([db_error(), db_error(), make_rows(1), db_error(), []])
-    store.on_claim = lambda n: stop.set() if n == 5 else None
-    make_poller(store, FakePublisher(), batch_size=5, stop=stop, poll_interval=0.2).run()
+    store.on_claim = lambda n: stop.request() if n == 5 else None
+    make_poller(store, stop=stop, batch_size=5, poll_interval=0.2).run()
     assert stop.waits == [BACKOFF_START, BACKOFF_START * 2, 0.2, BACKOFF_START, 0.2]
 
 
 def test_stop_during_database_backoff_ends_the_loop() -> None:
-    stop = RecordingEvent()
+    stop = RecordingStop()
     store = FakeStore([db_error()])
-    store.on_claim = lambda n: stop.set()
-    make_poller(store, FakePublisher(), stop=stop).run()
+    store.on_claim = lambda n: stop.request()
+    make_poller(store, stop=stop).run()
     assert len(store.claims) == 1
     assert stop.waits == [BACKOFF_START]
 
 
 def test_broker_outage_backs_off_and_releases_rows() -> None:
-    stop = RecordingEvent()
-    store = FakeStore([make_rows(1, 2), make_rows(1, 2), make_rows(1, 2), make_rows(1, 2)])
+    stop = RecordingStop()
+    store = FakeStore([make_rows(1, 2) for _ in range(4)])
     publisher = FakePublisher(fail_at=1)
 
     def on_claim(n: int) -> None:
         if n == 3:
             publisher.fail_at = None  # the broker is back
         if n == 4:
-            stop.set()
+            stop.request()
 
     store.on_claim = on_claim
-    make_poller(store, publisher, batch_size=2, stop=stop).run()
+    make_poller(store, publisher, stop=stop, batch_size=2).run()
     # Two failing batches: broker backoff 0.5 then 1.0; then full batches go back to back.
     assert stop.waits == [BACKOFF_START, BACKOFF_START * 2]
-    assert [ids for _lease, ids in store.releases] == [[1, 2], [1, 2]]
-    assert [ids for _lease, ids in store.acks if ids] == [[1, 2], [1, 2]]
+    assert store.released_ids() == [[1, 2], [1, 2]]
+    assert store.acked_ids() == [[1, 2], [1, 2]]
+    assert store.nacks == []  # a broker outage charges the rows no attempt
+
+
+def test_run_claims_nothing_while_paused_by_backpressure(check_every_call: None) -> None:
+    log: list[Any] = []
+    stop, hooks = RecordingStop(log=log), RecordingHooks()
+    store = FakeStore([make_rows(1)])
+
+    def on_claim(n: int) -> None:
+        log.append("claim")
+        stop.request()
+
+    store.on_claim = on_claim
+    probe = ScriptedProbe([20, 8, 1])
+    poller = make_poller(
+        store,
+        stop=stop,
+        hooks=hooks,
+        probe=probe,
+        backpressure_high=10,
+        backpressure_low=5,
+        poll_interval=0.2,
+    )
+    poller.run()
+    # paused at 20, still paused at 8 (not below low), claims again at 1
+    assert log == [("wait", 0), ("wait", 0), "claim", ("wait", 0.2)]
+    assert hooks.backpressure_changes == [True, False]
+    assert store.acked_ids() == [[1]]
+
+
+# --- LeaseHeartbeat ------------------------------------------------------------------
+
+
+class SignallingStore(FakeStore):
+    """Sets `extended` on the first successful extend, noting the heartbeat's horizon before it."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        super().__init__()
+        self.extended = threading.Event()
+        self.fail_first = fail_first
+        self.heartbeat: LeaseHeartbeat | None = None
+        self.horizon_before: float | None = None
+
+    def extend_lease(self, lease: Lease, lease_seconds: float) -> int:
+        if self.fail_first:
+            self.fail_first -= 1
+            raise db_error()
+        if not self.extended.is_set() and self.heartbeat is not None:
+            self.horizon_before = self.heartbeat.valid_until
+        super().extend_lease(lease, lease_seconds)
+        self.extended.set()
+        return 1
+
+
+def heartbeat_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "lease-heartbeat"]
+
+
+def test_heartbeat_extends_the_same_lease_while_a_batch_is_held() -> None:
+    store, lease = SignallingStore(), Lease(owner="me", token=99)
+    heartbeat = LeaseHeartbeat(store, 0.03)
+    store.heartbeat = heartbeat
+    with heartbeat.holding(lease):
+        assert store.extended.wait(10), "the lease was never extended"
+    assert store.extends[0] == (lease, 0.03)
+    assert all(extended_lease is lease for extended_lease, _s in store.extends)
+    # A successful extension moves the horizon that settling retries rely on.
+    assert store.horizon_before is not None
+    assert heartbeat.valid_until > store.horizon_before
+    assert heartbeat_threads() == []  # the heartbeat stops with the batch
+
+
+def test_heartbeat_keeps_beating_after_a_database_error() -> None:
+    store = SignallingStore(fail_first=1)
+    heartbeat = LeaseHeartbeat(store, 0.03)
+    with heartbeat.holding(Lease(owner="me", token=1)):
+        assert store.extended.wait(10), "the heartbeat gave up after one failed extension"
+    assert heartbeat_threads() == []
+
+
+# --- StopSignal ----------------------------------------------------------------------
+
+
+def test_stop_signal_starts_unset() -> None:
+    stop = StopSignal(grace=0)
+    assert not stop.is_set()
+    assert not stop.out_of_time()
+    assert stop.wait(0) is False
+
+
+def test_request_with_zero_grace_is_out_of_time_at_once() -> None:
+    stop = StopSignal(grace=0)
+    stop.request()
+    assert stop.is_set()
+    assert stop.wait(0) is True
+    assert stop.out_of_time()
+
+
+def test_request_with_grace_left_is_not_out_of_time() -> None:
+    stop = StopSignal(grace=3600)
+    stop.request()
+    assert stop.is_set()
+    assert not stop.out_of_time()
+
+
+def test_default_grace_never_runs_out() -> None:
+    stop = StopSignal()
+    stop.request()
+    assert not stop.out_of_time()
+
+
+def test_a_second_request_keeps_the_first_deadline() -> None:
+    stop = StopSignal(grace=3600)
+    stop.request()
+    deadline = stop.deadline
+    stop.grace = 0  # were the deadline reset, it would now be in the past
+    stop.request()
+    assert stop.deadline == deadline
+    assert not stop.out_of_time()
+
+
+def test_out_of_time_follows_the_clock(clock: FakeClock) -> None:
+    stop = StopSignal(grace=10)
+    stop.request()
+    assert stop.deadline == clock.now + 10
+    clock.now += 9.9
+    assert not stop.out_of_time()
+    clock.now += 0.1
+    assert stop.out_of_time()
