@@ -202,6 +202,8 @@ def load_settings(
             raise ValueError(f"unknown setting {key!r}")
         values[key] = _parse(key, raw)
 
+    if "backpressure_high" in values and "backpressure_low" not in values:
+        values["backpressure_low"] = values["backpressure_high"] // 2
     column_values = {
         key.removeprefix("column_"): values.pop(key) for key in list(values) if key.startswith("column_")
     }

@@ -46,6 +46,7 @@ class Child:
     started_at: float = 0.0
     restart_delay: float = 0.0
     restart_at: float | None = None
+    ready: bool = False  # reported ready since its last start
     pids: list[int] = field(default_factory=list)
 
 
@@ -96,6 +97,7 @@ class Supervisor:
         child.process = process
         child.started_at = time.monotonic()
         child.restart_at = None
+        child.ready = False
         child.pids.append(process.pid)
 
     def _wait_ready(self, count: int) -> int:
@@ -122,6 +124,7 @@ class Supervisor:
                 return EXIT_CONFIG
             if name == "coordinator":
                 self.metrics_port = detail
+            self._mark_ready(name)
             ready += 1
         return EXIT_OK
 
@@ -137,12 +140,19 @@ class Supervisor:
         if self.stopping:
             return
         lived = time.monotonic() - child.started_at
-        if lived >= HEALTHY_LIFETIME:
+        # Only a child that keeps dying before it is ready is crash-looping and gets a growing
+        # delay; one that was working (then crashed, or was killed) is replaced at once.
+        if child.ready or lived >= HEALTHY_LIFETIME:
             child.restart_delay = 0.0
         log.warning("%s (pid %d) exited with code %s after %.1f s; restarting in %.1f s",
                     child.name, process.pid, code, lived, child.restart_delay)
         child.restart_at = time.monotonic() + child.restart_delay
         child.restart_delay = min(max(child.restart_delay * 2, 0.5), RESTART_DELAY_CAP)
+
+    def _mark_ready(self, name: str) -> None:
+        for child in self.children:
+            if child.name == name:
+                child.ready = True
 
     def _drain_events(self) -> None:
         while True:
@@ -151,6 +161,7 @@ class Supervisor:
             except queue.Empty:
                 return
             if kind == "ready":
+                self._mark_ready(name)
                 log.info("%s (pid %d) ready again", name, pid)
             else:
                 log.error("%s: %s", name, detail)

@@ -49,7 +49,7 @@ def relay_and_stop(env, cwd) -> PoolProcess:
         port = pool.wait_for_line(r"ready: 4 pollers, metrics on http://127\.0\.0\.1:(\d+)/metrics")[1]
         wait_until(lambda: counts(env, cwd)["unprocessed"] == 0, timeout=180, interval=0.5,
                    message="all rows processed")
-        assert counts(env, cwd) == {"processed": ROWS, "unprocessed": 0}
+        assert counts(env, cwd) == {"processed": ROWS, "unprocessed": 0, "dead": 0}
         totals = scrape(port)
         assert totals["pool_signals_acked_total"] == ROWS
         assert totals["pool_signals_published_total"] == ROWS
@@ -164,7 +164,7 @@ def test_a_second_signal_stops_at_once_even_with_a_batch_in_flight(tmp_path):
         finally:
             pool.kill()
     assert code == 3, pool.output()
-    assert counts(env, tmp_path) == {"processed": 0, "unprocessed": 10}
+    assert counts(env, tmp_path) == {"processed": 0, "unprocessed": 10, "dead": 0}
 
 
 def leased_rows(db_path) -> int:

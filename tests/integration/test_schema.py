@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import inspect, text
 
+from pool.config import RELAY_COLUMNS
 from pool.store import open_store
 from tests.helpers import make_settings
 
@@ -63,9 +64,8 @@ def test_init_db_takes_over_a_seed_shaped_table_without_touching_its_rows(db_url
 
         changes = store.init_schema()
         assert not changes.created_table
-        assert set(changes.added_columns) == {
-            "lease_owner", "lease_until", "lease_token", "attempts", "next_attempt_at", "last_error"
-        }
+        assert set(changes.added_columns) == set(RELAY_COLUMNS)
+        assert "dead_at" in RELAY_COLUMNS and "lease_token" in RELAY_COLUMNS
         store.check_schema()
         with store.engine.connect() as conn:
             after = conn.execute(

@@ -9,6 +9,7 @@ from sqlalchemy import text
 
 from pool.seeding import generate_signals
 from pool.store import open_store
+from pool.store.base import Failure
 from tests.helpers import make_settings, wait_until
 
 
@@ -115,7 +116,7 @@ def test_release_makes_rows_claimable_at_once(store):
 def test_nack_records_the_error_and_delays_the_row(store):
     seed(store, 2)
     claim = store.claim("a", 1, 0, 2, 30)
-    assert store.nack(claim.lease, {1: "payload is bad"}, retry_delay=3600) == 1
+    assert store.nack(claim.lease, [Failure(id=1, error="payload is bad", retry_in=3600, dead=False)]) == 1
     state = row_state(store, 1)
     assert state["attempts"] == 1 and state["last_error"] == "payload is bad"
     assert state["next_attempt_at"] is not None and state["lease_owner"] is None

@@ -99,12 +99,6 @@ def test_start_help_shows_start_only_flags(runner: CliRunner) -> None:
         assert variable in result.output
 
 
-def test_shutdown_timeout_is_a_start_flag_only(runner: CliRunner) -> None:
-    result = runner.invoke(cli, ["status", "--shutdown-timeout", "5"], env=runner_env())
-    assert result.exit_code == 2
-    assert "No such option" in result.output
-
-
 def test_help_does_not_touch_the_database(runner: CliRunner, tmp_path: Path) -> None:
     for command in COMMANDS:
         runner.invoke(cli, [command, "--help"], env=runner_env())
@@ -216,7 +210,6 @@ def test_subprocess_version(tmp_path: Path) -> None:
         (["status"], {"PULSE_DB_COLUMN_VALUE": "name"}, "PULSE_DB_COLUMN"),
         (["status", "--db-url", "sqlite://"], {}, "PULSE_DB_URL"),
         (["start", "--shutdown-timeout", "0"], {}, "PULSE_SHUTDOWN_TIMEOUT"),
-        (["start"], {"PULSE_MAX_PAYLOAD_BYTES": "1"}, "PULSE_MAX_PAYLOAD_BYTES"),
     ],
 )
 def test_invalid_configuration_exits_2_with_one_error_line(

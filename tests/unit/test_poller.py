@@ -22,6 +22,7 @@ from pool.config import Settings, load_settings
 from pool.poller import (
     BACKOFF_CAP,
     BACKOFF_START,
+    DEPTH_CHECK_INTERVAL,
     BatchOutcome,
     LeaseHeartbeat,
     Poller,
@@ -508,6 +509,8 @@ def test_until_done_raises_once_the_lease_has_run_out(clock: FakeClock) -> None:
 
     def failing() -> int:
         calls.append(1)
+        if len(calls) > 3:
+            pytest.fail("the write was retried after the lease ran out")
         raise OperationalError("x", {}, Exception("down"))
 
     with pytest.raises(OperationalError):
@@ -551,8 +554,8 @@ def check_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_backpressure_pauses_above_high_and_resumes_below_low(check_every_call: None) -> None:
-    depths = [3, 10, 11, 7, 10, 5, 4, 12, 2]
-    expected = [False, False, True, True, True, True, False, True, False]
+    depths = [3, 10, 11, 15, 7, 10, 5, 4, 12, 2]
+    expected = [False, False, True, True, True, True, True, False, True, False]
     probe, hooks = ScriptedProbe(depths), RecordingHooks()
     poller = make_poller(FakeStore(), hooks=hooks, probe=probe, backpressure_high=10, backpressure_low=5)
     assert [poller._must_pause() for _ in depths] == expected
@@ -583,19 +586,19 @@ def test_without_a_probe_there_is_no_backpressure() -> None:
     assert poller._must_pause() is False
 
 
-def test_depth_is_checked_at_most_once_per_interval(
-    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(pool.poller, "DEPTH_CHECK_INTERVAL", 1.0)
-    probe = ScriptedProbe([20, 0])
-    poller = make_poller(FakeStore(), probe=probe, backpressure_high=10, backpressure_low=5)
-    assert poller._must_pause() is True
-    clock.now += 0.5
-    assert poller._must_pause() is True  # cached: the broker is not asked again yet
-    assert probe.calls == 1
-    clock.now += 0.5
-    assert poller._must_pause() is False
-    assert probe.calls == 2
+def test_a_paused_poller_rechecks_the_queue_promptly_whatever_the_poll_interval() -> None:
+    stop, hooks = RecordingStop(), RecordingHooks()
+    store = FakeStore([make_rows(1)])
+    store.on_claim = lambda n: stop.request()
+    probe = ScriptedProbe([20, 20, 0])
+    poller = make_poller(
+        store, stop=stop, hooks=hooks, probe=probe, backpressure_high=10, backpressure_low=5, poll_interval=60
+    )
+    poller.run()
+    assert probe.calls == 3  # asked before every claim attempt
+    assert stop.waits[:2] == [DEPTH_CHECK_INTERVAL, DEPTH_CHECK_INTERVAL]
+    assert DEPTH_CHECK_INTERVAL <= 1
+    assert store.acked_ids() == [[1]]
 
 
 # --- run -----------------------------------------------------------------------------
