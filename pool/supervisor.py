@@ -15,7 +15,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -47,7 +47,6 @@ class Child:
     restart_delay: float = 0.0
     restart_at: float | None = None
     ready: bool = False  # reported ready since its last start
-    pids: list[int] = field(default_factory=list)
 
 
 class Supervisor:
@@ -98,7 +97,6 @@ class Supervisor:
         child.started_at = time.monotonic()
         child.restart_at = None
         child.ready = False
-        child.pids.append(process.pid)
 
     def _wait_ready(self, count: int) -> int:
         """Wait for `count` ready events; returns an exit code if a child failed to come up."""
