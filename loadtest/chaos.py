@@ -3,8 +3,9 @@ and PostgreSQL is restarted. Checks that no signal was lost and prints what it m
 
     python loadtest/chaos.py --rows 50000 --workers 8
 
-It uses a fresh schema in PostgreSQL and a private redis-server (append-only file, so a stop
-keeps the messages), restarts the machine's PostgreSQL cluster once, and cleans up after itself.
+Rows are inserted at a steady rate while pool runs, so every fault lands under load. It uses
+a fresh schema in PostgreSQL and a private redis-server (append-only file, so a stop keeps the
+messages), restarts the machine's PostgreSQL cluster once, and cleans up after itself.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class ChaosConfig:
     redis_stop_at: float = 3.0
     redis_stop_for: float = 5.0
     pg_restart_at: float = 12.0
+    insert_seconds: float = 20.0
     pg: str = "postgresql://root@127.0.0.1:5432/test"
     timeout: float = 900.0
     seed: int = 1
@@ -179,28 +181,62 @@ class Monitor:
         return self.query("SELECT COUNT(*) FROM signals WHERE processed = 1 OR dead_at IS NOT NULL")[0][0]
 
 
-def seed_rows(db_url: str, rows: int, poison_ratio: float, rng: random.Random) -> dict[int, str]:
-    """COPY rows with ~poison_ratio poison rows spread through; returns poison id -> kind."""
+def plan_rows(rows: int, poison_ratio: float, rng: random.Random) -> tuple[list[tuple], dict[int, str]]:
+    """All rows to insert, ~poison_ratio of them poison, spread through; and poison id -> kind."""
     poison_count = max(len(POISON_KINDS), round(rows * poison_ratio))
     poison_ids = set(rng.sample(range(1, rows + 1), poison_count))
     kinds: dict[int, str] = {}
     now = datetime.now(UTC)
-    with psycopg.connect(db_url) as conn, conn.cursor() as cur:
-        with cur.copy("COPY signals (id, name, value, source, timestamp) FROM STDIN") as copy:
-            for row_id in range(1, rows + 1):
-                name, value = f"signal-{row_id % 97}", rng.uniform(-100, 100)
-                if row_id in poison_ids:
-                    kind = POISON_KINDS[len(kinds) % len(POISON_KINDS)]
-                    kinds[row_id] = kind
-                    name, value = {
-                        "nan": (name, math.nan), "inf": (name, math.inf), "-inf": (name, -math.inf),
-                        "null name": (None, value), "null value": (name, None),
-                        "too large": ("x" * (MAX_PAYLOAD + 100), value),
-                    }[kind]
-                copy.write_row((row_id, name, value, rng.choice(("sensor", "api", "manual")), now))
-        cur.execute("SELECT setval(pg_get_serial_sequence('signals', 'id'), %s)", (rows,))
-        conn.commit()
-    return kinds
+    planned = []
+    for row_id in range(1, rows + 1):
+        name, value = f"signal-{row_id % 97}", rng.uniform(-100, 100)
+        if row_id in poison_ids:
+            kind = POISON_KINDS[len(kinds) % len(POISON_KINDS)]
+            kinds[row_id] = kind
+            name, value = {
+                "nan": (name, math.nan), "inf": (name, math.inf), "-inf": (name, -math.inf),
+                "null name": (None, value), "null value": (name, None),
+                "too large": ("x" * (MAX_PAYLOAD + 100), value),
+            }[kind]
+        planned.append((row_id, name, value, rng.choice(("sensor", "api", "manual")), now))
+    return planned, kinds
+
+
+class Inserter(threading.Thread):
+    """Inserts the planned rows at a steady rate, so every fault happens under load. Survives a
+    PostgreSQL restart: a chunk whose commit is in doubt is inserted again, skipping ids it has."""
+
+    def __init__(self, db_url: str, planned: list[tuple], seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.db_url = db_url
+        self.planned = planned
+        self.seconds = seconds
+        self.inserted = 0
+
+    def run(self) -> None:
+        tick = 0.1
+        chunk = max(1, math.ceil(len(self.planned) / (self.seconds / tick)))
+        started = time.monotonic()
+        conn = None
+        for number, first in enumerate(range(0, len(self.planned), chunk)):
+            rows = self.planned[first:first + chunk]
+            while True:
+                try:
+                    if conn is None or conn.closed:
+                        conn = psycopg.connect(self.db_url, connect_timeout=3)
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO signals (id, name, value, source, timestamp)"
+                            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING", rows)
+                    conn.commit()
+                    break
+                except psycopg.OperationalError:
+                    conn = None
+                    time.sleep(0.1)
+            self.inserted = first + len(rows)
+            time.sleep(max(0.0, started + (number + 1) * tick - time.monotonic()))
+        if conn is not None:
+            conn.close()
 
 
 def run_chaos(cfg: ChaosConfig, out=sys.stdout) -> ChaosReport:
@@ -223,15 +259,14 @@ def run_chaos(cfg: ChaosConfig, out=sys.stdout) -> ChaosReport:
     try:
         broker.start()
         subprocess.run([*pool_cmd, "init-db"], env=env, check=True, capture_output=True)
-        poison = seed_rows(db_url, cfg.rows, cfg.poison_ratio, rng)
+        planned, poison = plan_rows(cfg.rows, cfg.poison_ratio, rng)
         report = ChaosReport(rows=cfg.rows, good=cfg.rows - len(poison), poison=len(poison))
-        print(f"seeded {cfg.rows} rows ({len(poison)} poison) in schema {schema}", file=out)
 
         proc = subprocess.Popen([*pool_cmd, "start", "--workers", str(cfg.workers), "--metrics-port", "0",
                                  "--shutdown-timeout", "30"],
                                 env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         pids: dict[str, int] = {}
-        ready_at: dict[int, float] = {}  # pid -> time its poller reported ready
+        ready_at: list[tuple[str, float]] = []  # (poller, time) of each restarted poller's ready
         ready = threading.Event()
         log_lines: list[str] = []
 
@@ -241,8 +276,8 @@ def run_chaos(cfg: ChaosConfig, out=sys.stdout) -> ChaosReport:
                 log_lines.append(line)
                 if m := re.search(r"started (poller-\d+) \(pid (\d+)\)", line):
                     pids[m[1]] = int(m[2])
-                if m := re.search(r"(poller-\d+) \(pid (\d+)\) ready again", line):
-                    ready_at[int(m[2])] = time.monotonic()
+                if m := re.search(r"(poller-\d+) \(pid \d+\) ready again", line):
+                    ready_at.append((m[1], time.monotonic()))
                 if "ready:" in line:
                     ready.set()
 
@@ -251,6 +286,10 @@ def run_chaos(cfg: ChaosConfig, out=sys.stdout) -> ChaosReport:
             raise RuntimeError("pool start did not get ready:\n" + "".join(log_lines[-20:]))
         started = time.monotonic()
         total = cfg.rows
+        inserter = Inserter(db_url, planned, cfg.insert_seconds)
+        inserter.start()
+        print(f"inserting {cfg.rows} rows ({len(poison)} poison) over {cfg.insert_seconds:.0f} s"
+              f" into schema {schema}", file=out)
 
         def first_ack_after(mark: float, before: int) -> float | None:
             deadline = time.monotonic() + 120
@@ -279,7 +318,7 @@ def run_chaos(cfg: ChaosConfig, out=sys.stdout) -> ChaosReport:
 
         faults = threading.Thread(target=fault_schedule, daemon=True)
         faults.start()
-        kill_times: list[tuple[int, float]] = []
+        kill_times: list[tuple[str, float]] = []
         deadline = started + cfg.timeout
         next_kill = started + rng.uniform(*cfg.kill_every)
         while monitor.finished() < total or faults.is_alive():
@@ -292,19 +331,18 @@ def run_chaos(cfg: ChaosConfig, out=sys.stdout) -> ChaosReport:
                 with_pid = pids[name]
                 try:
                     os.kill(with_pid, signal.SIGKILL)
-                    kill_times.append((with_pid, time.monotonic()))
+                    kill_times.append((name, time.monotonic()))
                     report.kills += 1
                 except ProcessLookupError:
                     pass
                 next_kill = time.monotonic() + rng.uniform(*cfg.kill_every)
             time.sleep(0.05)
         report.seconds = time.monotonic() - started
-        # The supervisor logs a restarted poller's new pid; recovery is kill -> that poller ready.
-        restarts = sorted(ready_at.values())
-        for _pid, killed_at in kill_times:
-            later = [t for t in restarts if t > killed_at]
+        # Recovery of a kill: until the same poller, restarted, reports ready.
+        for name, killed_at in kill_times:
+            later = [t for poller, t in ready_at if poller == name and t > killed_at]
             if later:
-                report.kill_recovery.append(later[0] - killed_at)
+                report.kill_recovery.append(min(later) - killed_at)
         proc.send_signal(signal.SIGTERM)
         report.exit_code = proc.wait(timeout=120)
         check(report, monitor, broker, poison, cfg)
@@ -363,10 +401,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--pg", default="postgresql://root@127.0.0.1:5432/test")
+    parser.add_argument("--insert-seconds", type=float, default=20.0,
+                        help="spread the inserts over this long; faults happen within it")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     report = run_chaos(ChaosConfig(rows=args.rows, workers=args.workers, batch_size=args.batch_size,
-                                   pg=args.pg, seed=args.seed))
+                                   insert_seconds=args.insert_seconds, pg=args.pg, seed=args.seed))
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 

@@ -38,12 +38,12 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Queue)
     # Imported here, after the supervisor set PROMETHEUS_MULTIPROC_DIR, and after fork.
     from pool.metrics import PrometheusHooks
     from pool.poller import Poller, PollerIdentity
-    from pool.publisher import Publisher
+    from pool.publisher import create_publisher
     from pool.queue_depth import QueueDepth
     from pool.store import open_store
 
     store = open_store(settings)
-    publisher = Publisher(settings)
+    publisher = create_publisher(settings)
     depth = QueueDepth(settings)
     identity = PollerIdentity(
         owner=f"{socket.gethostname()}:{os.getpid()}:{index}", index=index, shard_count=shard_count

@@ -138,9 +138,10 @@ class Supervisor:
         if self.stopping:
             return
         lived = time.monotonic() - child.started_at
-        # Only a child that keeps dying before it is ready is crash-looping and gets a growing
-        # delay; one that was working (then crashed, or was killed) is replaced at once.
-        if child.ready or lived >= HEALTHY_LIFETIME:
+        # Only a child that keeps failing by itself (a non-zero exit) before it is ready is
+        # crash-looping and gets a growing delay. One that was working, or that something else
+        # killed (a negative code: a signal), is replaced at once.
+        if child.ready or lived >= HEALTHY_LIFETIME or code is None or code <= 0:
             child.restart_delay = 0.0
         log.warning("%s (pid %d) exited with code %s after %.1f s; restarting in %.1f s",
                     child.name, process.pid, code, lived, child.restart_delay)

@@ -13,7 +13,7 @@ def test_short_chaos_run_loses_nothing():
     out = io.StringIO()
     report = run_chaos(
         ChaosConfig(rows=4000, workers=4, batch_size=100, redis_stop_at=2.0, redis_stop_for=3.0,
-                    pg_restart_at=7.0, timeout=240),
+                    pg_restart_at=7.0, insert_seconds=10.0, timeout=240),
         out=out,
     )
     print(out.getvalue() + "\n".join(report.lines()))

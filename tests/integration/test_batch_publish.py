@@ -1,0 +1,67 @@
+"""The batch publish path writes what Celery writes, and a real Celery worker runs it."""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+from pool.publisher import Publisher, create_publisher
+from pool.redis_batch import RedisBatchPublisher
+from pool.seeding import generate_signals
+from pool.store import ClaimedRow
+from tests.helpers import make_settings, redis_messages
+
+# Fields that differ between any two publishes: per-process or per-message random values.
+VOLATILE = {("properties", "delivery_tag"), ("properties", "reply_to"), ("headers", "origin")}
+
+
+def rows(count: int, start: int = 1) -> list[ClaimedRow]:
+    return [ClaimedRow(id=start + i, attempts=0, **s)
+            for i, s in enumerate(generate_signals(count, seed=start))]
+
+
+def comparable(raw: bytes) -> dict:
+    message = json.loads(raw)
+    for section, key in VOLATILE:
+        message[section].pop(key, None)
+    return message
+
+
+def test_redis_batch_messages_equal_send_task_messages(redis_url, queue_name):
+    settings = make_settings(broker_url=redis_url, queue=queue_name)
+    batch = rows(3)
+    reference = Publisher(settings)
+    batched = create_publisher(settings)
+    assert isinstance(batched, RedisBatchPublisher)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert reference.publish(batch).accepted == [1, 2, 3]
+        by_send_task = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
+        client.delete(queue_name)
+        assert batched.publish(batch).accepted == [1, 2, 3]
+        by_batch = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
+    finally:
+        reference.close()
+        batched.close()
+        client.close()
+    assert by_batch == by_send_task
+    # Queue order is publish order: the worker pops from the tail.
+    assert [m["headers"]["id"] for m in by_batch] == ["signal-3", "signal-2", "signal-1"]
+
+
+def test_redis_batch_is_one_atomic_push_and_reports_an_outage_as_unsent(redis_url, queue_name):
+    settings = make_settings(broker_url=redis_url, queue=queue_name)
+    publisher = create_publisher(settings)
+    try:
+        result = publisher.publish(rows(500))
+        assert len(result.accepted) == 500
+        assert len({m["id"] for m in redis_messages(redis_url, queue_name)}) == 500
+    finally:
+        publisher.close()
+    down = create_publisher(make_settings(broker_url="redis://127.0.0.1:1/0", queue=queue_name))
+    try:
+        result = down.publish(rows(5))
+    finally:
+        down.close()
+    assert result.accepted == [] and result.unsent == [1, 2, 3, 4, 5] and result.broker_error
