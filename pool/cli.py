@@ -75,6 +75,8 @@ def init_db(settings: Any) -> None:
         click.echo(f"table {settings.table}: added column(s) {', '.join(changes.added_columns)}")
     for index in changes.created_indexes:
         click.echo(f"table {settings.table}: created index {index}")
+    for extra in changes.created_extras:
+        click.echo(f"table {settings.table}: applied {extra}")
 
 
 @cli.command()

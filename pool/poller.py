@@ -148,6 +148,7 @@ class Poller:
         self.depth_probe = depth_probe
         self.rng = rng or random.Random()
         self.heartbeat = LeaseHeartbeat(store, settings.lease_seconds)
+        self.wake = store.wake_listener()
         self.paused = False
         self._db_failing = False
         self._broker_failing = False
@@ -275,5 +276,16 @@ class Poller:
                 continue
             broker_backoff = BACKOFF_START
             if claimed < self.settings.batch_size:
-                # A full batch means more is waiting: poll again at once; otherwise rest.
-                self.stop.wait(self.settings.poll_interval)
+                # A full batch means more is waiting: poll again at once; otherwise rest until
+                # an insert's NOTIFY wakes us, or the poll interval (the safety net) is up.
+                self._idle(self.settings.poll_interval)
+
+    def _idle(self, seconds: float) -> None:
+        if self.wake is None:
+            self.stop.wait(seconds)
+        else:
+            self.wake.wait(seconds, self.stop.is_set)
+
+    def close(self) -> None:
+        if self.wake is not None:
+            self.wake.close()

@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import socket
-from multiprocessing.queues import Queue
+from multiprocessing.connection import Connection
 from typing import Any
 
 from pool.config import Settings
@@ -29,7 +29,7 @@ def _stop_on_signals(stop: StopSignal) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
-def poller_main(settings: Settings, index: int, shard_count: int, events: Queue) -> None:
+def poller_main(settings: Settings, index: int, shard_count: int, events: Connection) -> None:
     """Claim -> publish -> ack until SIGTERM/SIGINT; then finish or release the in-flight batch."""
     # Keep a margin inside the supervisor's timeout for releasing what could not be published.
     stop = StopSignal(grace=max(0.5, settings.shutdown_timeout * 0.8))
@@ -49,17 +49,18 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Queue)
         owner=f"{socket.gethostname()}:{os.getpid()}:{index}", index=index, shard_count=shard_count
     )
     poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth)
-    events.put(("ready", f"poller-{index}", os.getpid(), None))
+    events.send(("ready", f"poller-{index}", os.getpid(), None))
     try:
         poller.run()
     finally:
+        poller.close()
         depth.close()
         publisher.close()
         store.close()
     log.info("stopped")
 
 
-def coordinator_main(settings: Settings, events: Queue) -> None:
+def coordinator_main(settings: Settings, events: Connection) -> None:
     """Serve /metrics aggregated over every poller process until told to stop."""
     stop = StopSignal()
     _stop_on_signals(stop)
@@ -69,12 +70,12 @@ def coordinator_main(settings: Settings, events: Queue) -> None:
     try:
         server = serve_metrics(settings.metrics_host, settings.metrics_port)
     except OSError as exc:
-        events.put((
+        events.send((
             "fatal", "coordinator", os.getpid(),
             f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror};"
             " set PULSE_METRICS_PORT or --metrics-port",
         ))
         return
-    events.put(("ready", "coordinator", os.getpid(), server.server_port))
+    events.send(("ready", "coordinator", os.getpid(), server.server_port))
     stop.wait()
     server.shutdown()

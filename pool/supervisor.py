@@ -10,13 +10,12 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import queue
 import shutil
 import signal
 import tempfile
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -47,6 +46,9 @@ class Child:
     restart_delay: float = 0.0
     restart_at: float | None = None
     ready: bool = False  # reported ready since its last start
+    # A pipe of its own per child: a child killed mid-write can only break its own pipe. (A
+    # shared multiprocessing.Queue stays locked forever if the writer dies holding its lock.)
+    events: Connection | None = None
 
 
 class Supervisor:
@@ -54,7 +56,6 @@ class Supervisor:
         self.settings = settings
         self.shutdown_timeout = settings.shutdown_timeout
         self.ctx = multiprocessing.get_context("spawn")
-        self.events = self.ctx.Queue()
         self.signals_seen = 0
         self.metrics_port: int | None = None
         self.stop_deadline = float("inf")
@@ -86,12 +87,17 @@ class Supervisor:
     # --- children ----------------------------------------------------------------
     def _start(self, child: Child) -> None:
         # Block signals while spawning so a SIGTERM cannot land between start() and bookkeeping.
+        if child.events is not None:
+            child.events.close()
+        reader, writer = self.ctx.Pipe(duplex=False)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
-            process = self.ctx.Process(target=child.target, args=child.args, name=child.name)
+            process = self.ctx.Process(target=child.target, args=(*child.args, writer), name=child.name)
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            writer.close()
+        child.events = reader
         log.info("started %s (pid %d)", child.name, process.pid)
         child.process = process
         child.started_at = time.monotonic()
@@ -109,22 +115,32 @@ class Supervisor:
             if remaining <= 0:
                 log.error("children did not report ready within %.0f s", READY_TIMEOUT)
                 return EXIT_CHILD_FAILED
-            try:
-                kind, name, _pid, detail = self.events.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                dead = [c.name for c in self.children if c.process and c.process.exitcode is not None]
-                if dead:
-                    log.error("%s exited before it was ready", ", ".join(dead))
-                    return EXIT_CHILD_FAILED
-                continue
-            if kind == "fatal":
-                log.error("%s: %s", name, detail)
-                return EXIT_CONFIG
-            if name == "coordinator":
-                self.metrics_port = detail
-            self._mark_ready(name)
-            ready += 1
+            waiting = [c.events for c in self.children if not c.ready and c.events is not None]
+            for kind, name, _pid, detail in self._receive(wait(waiting, timeout=min(remaining, 0.5))):
+                if kind == "fatal":
+                    log.error("%s: %s", name, detail)
+                    return EXIT_CONFIG
+                if name == "coordinator":
+                    self.metrics_port = detail
+                self._mark_ready(name)
+                ready += 1
+            dead = [c.name for c in self.children
+                    if not c.ready and c.process and c.process.exitcode is not None]
+            if dead:
+                log.error("%s exited before it was ready", ", ".join(dead))
+                return EXIT_CHILD_FAILED
         return EXIT_OK
+
+    @staticmethod
+    def _receive(readable: list) -> list[tuple]:
+        messages = []
+        for reader in readable:
+            try:
+                while reader.poll():
+                    messages.append(reader.recv())
+            except (EOFError, OSError):
+                pass  # the child exited; its sentinel tells the rest
+        return messages
 
     def _reap(self, child: Child) -> None:
         process = child.process
@@ -154,11 +170,8 @@ class Supervisor:
                 child.ready = True
 
     def _drain_events(self) -> None:
-        while True:
-            try:
-                kind, name, pid, detail = self.events.get_nowait()
-            except queue.Empty:
-                return
+        readers = [c.events for c in self.children if c.events is not None]
+        for kind, name, pid, detail in self._receive(wait(readers, timeout=0)):
             if kind == "ready":
                 self._mark_ready(name)
                 log.info("%s (pid %d) ready again", name, pid)
@@ -193,10 +206,10 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
 
-        self.children.append(Child("coordinator", coordinator_main, (settings, self.events)))
+        self.children.append(Child("coordinator", coordinator_main, (settings,)))
         for index in range(settings.workers):
             self.children.append(
-                Child(f"poller-{index}", poller_main, (settings, index, settings.workers, self.events))
+                Child(f"poller-{index}", poller_main, (settings, index, settings.workers))
             )
         try:
             for child in self.children:
@@ -230,7 +243,8 @@ class Supervisor:
 
     def _watch_step(self) -> None:
         alive = [c for c in self.children if c.process is not None and c.process.exitcode is None]
-        wait([c.process.sentinel for c in alive], timeout=0.5)
+        readers = [c.events for c in alive if c.events is not None]
+        wait([c.process.sentinel for c in alive] + readers, timeout=0.5)
         self._drain_events()
         now = time.monotonic()
         for child in self.children:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy.engine import Connection, Engine
@@ -71,10 +71,20 @@ class SchemaChanges:
     created_table: bool
     added_columns: tuple[str, ...]
     created_indexes: tuple[str, ...]
+    created_extras: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
-        return self.created_table or bool(self.added_columns) or bool(self.created_indexes)
+        return (self.created_table or bool(self.added_columns) or bool(self.created_indexes)
+                or bool(self.created_extras))
+
+
+class WakeListener(Protocol):
+    def wait(self, seconds: float, stop: Callable[[], bool]) -> bool:
+        """Block up to `seconds` or until woken (True) or until stop() holds."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def index_name(table: str, suffix: str) -> str:
@@ -131,6 +141,14 @@ class SqlStore:
     def _lock_schema(self, conn: Connection) -> None:
         """Serialise concurrent init-db runs where the database needs it."""
 
+    def _ensure_extras(self, conn: Connection) -> tuple[str, ...]:
+        """Dialect-specific extras (triggers, storage settings); returns what it created."""
+        return ()
+
+    def wake_listener(self) -> WakeListener | None:
+        """Something that wakes an idle poller when rows are inserted, if the database can."""
+        return None
+
     def insert_signals(self, rows: Sequence[Mapping[str, Any]]) -> int:
         raise NotImplementedError
 
@@ -163,8 +181,10 @@ class SqlStore:
                     f" WHERE {self.c_processed} = 0 AND dead_at IS NULL"
                 ))
                 indexes = (pending,)
+            extras = self._ensure_extras(conn)
         return SchemaChanges(
-            created_table=created, added_columns=() if created else added, created_indexes=indexes
+            created_table=created, added_columns=() if created else added,
+            created_indexes=indexes, created_extras=extras,
         )
 
     def _ids_clause(self) -> str:

@@ -91,6 +91,9 @@ class FakeStore:
         self.errors: dict[str, list[Exception]] = {"ack": [], "nack": [], "release": []}
         self.on_claim: Callable[[int], None] = lambda n: None
 
+    def wake_listener(self) -> None:
+        return None  # like SQLite: idle pollers sleep out the poll interval
+
     def claim(self, owner: str, shard_count: int, shard: int, limit: int, lease_seconds: float) -> Claim:
         self.claims.append(
             {

@@ -1,0 +1,76 @@
+"""PostgreSQL specifics: NOTIFY wakes idle pollers, the claim stays index-driven, storage settings."""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import text
+
+from pool.poller import Poller, PollerIdentity, StopSignal
+from pool.publisher import create_publisher
+from pool.seeding import generate_signals
+from pool.store import open_store
+from tests.helpers import make_settings, wait_until
+
+
+def test_an_insert_wakes_an_idle_poller_long_before_its_poll_interval(pg_url, redis_url, queue_name):
+    settings = make_settings(db_url=pg_url, broker_url=redis_url, queue=queue_name, poll_interval="60")
+    store = open_store(settings)
+    store.init_schema()
+    publisher = create_publisher(settings)
+    stop = StopSignal()
+    poller = Poller(store, publisher, PollerIdentity("t", 0, 1), settings, stop)
+    idle = threading.Event()
+    original = poller._idle
+
+    def note_idle(seconds: float) -> None:
+        idle.set()
+        original(seconds)
+
+    poller._idle = note_idle
+    runner = threading.Thread(target=poller.run)
+    runner.start()
+    try:
+        assert idle.wait(30), "the poller never went idle"
+        store.insert_signals(list(generate_signals(3, seed=9)))
+        # With a 60 s poll interval only the trigger's NOTIFY can make this happen in time.
+        wait_until(lambda: store.counts().processed == 3, timeout=15, interval=0.05,
+                   message="the NOTIFY to wake the poller")
+    finally:
+        stop.request()
+        runner.join(timeout=30)
+        poller.close()
+        publisher.close()
+        store.close()
+
+
+def test_claim_stays_index_driven_as_processed_rows_pile_up(pg_url):
+    store = open_store(make_settings(db_url=pg_url))
+    store.init_schema()
+    store.insert_signals(list(generate_signals(20_000, seed=10)))
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE signals SET processed = 1 WHERE id <= 19900"))
+        conn.execute(text("ANALYZE signals"))
+
+    def scans(plan: dict) -> list[tuple[str, str | None]]:
+        found = [(plan["Node Type"], plan.get("Index Name"))]
+        for child in plan.get("Plans", []):
+            found += scans(child)
+        return found
+
+    nodes = scans(store.explain_claim(8, 3, 500))
+    assert ("Index Scan", "signals_pool_pending") in nodes, nodes
+    assert not [n for n in nodes if n[0] == "Seq Scan"], nodes
+    store.close()
+
+
+def test_init_db_applies_the_notify_trigger_and_storage_settings_once(pg_url):
+    store = open_store(make_settings(db_url=pg_url))
+    first = store.init_schema()
+    assert any("trigger signals_pool_notify" in e for e in first.created_extras)
+    assert any("fillfactor = 90" in e for e in first.created_extras)
+    assert not store.init_schema().changed
+    with store.engine.connect() as conn:
+        options = conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = 'signals'::regclass"))
+        assert "autovacuum_vacuum_scale_factor=0.02" in options.scalar_one()
+    store.close()
