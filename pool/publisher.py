@@ -107,11 +107,17 @@ class Publisher:
 
 
 def create_publisher(settings: Settings) -> Publisher:
-    """The fastest path the broker allows: one LPUSH per batch on Redis, send_task elsewhere."""
+    """The fastest path the broker allows: one LPUSH per batch on Redis, a batch of publishes and
+    then its confirms on RabbitMQ, send_task (one message at a time) on any other transport."""
     from pool.broker import broker_scheme
 
-    if broker_scheme(settings) in ("redis", "rediss"):
+    scheme = broker_scheme(settings)
+    if scheme in ("redis", "rediss"):
         from pool.redis_batch import RedisBatchPublisher
 
         return RedisBatchPublisher(settings)
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        from pool.amqp_batch import AmqpBatchPublisher
+
+        return AmqpBatchPublisher(settings)
     return Publisher(settings)

@@ -65,3 +65,30 @@ def test_redis_batch_is_one_atomic_push_and_reports_an_outage_as_unsent(redis_ur
     finally:
         down.close()
     assert result.accepted == [] and result.unsent == [1, 2, 3, 4, 5] and result.broker_error
+
+
+def test_amqp_batch_counts_a_row_only_once_rabbitmq_confirmed_it(amqp_url, queue_name):
+    from pool.amqp_batch import AmqpBatchPublisher
+    from pool.queue_depth import QueueDepth
+
+    settings = make_settings(broker_url=amqp_url, queue=queue_name)
+    publisher = create_publisher(settings)
+    assert isinstance(publisher, AmqpBatchPublisher)
+    depth = QueueDepth(settings)
+    try:
+        first = publisher.publish(rows(300))
+        second = publisher.publish(rows(200, start=301))
+        assert first.accepted == list(range(1, 301)) and not first.unsent
+        assert second.accepted == list(range(301, 501)) and not second.unsent
+        assert depth.depth() == 500
+    finally:
+        with publisher.app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue_name)
+        depth.close()
+        publisher.close()
+    down = create_publisher(make_settings(broker_url="amqp://guest:guest@127.0.0.1:1//", queue=queue_name))
+    try:
+        result = down.publish(rows(3))
+    finally:
+        down.close()
+    assert result.accepted == [] and result.unsent == [1, 2, 3] and result.broker_error

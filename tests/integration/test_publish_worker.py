@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from pool.publisher import Publisher
+from pool.publisher import Publisher, create_publisher
 from pool.seeding import generate_signals
 from pool.store import open_store
 from tests.helpers import PoolProcess, clean_env, make_settings, redis_messages, wait_until
@@ -71,7 +71,8 @@ def test_a_real_celery_worker_executes_every_task_once_even_when_redelivered(rel
     settings, store = relay
     store.insert_signals(list(generate_signals(20, seed=2)))
     claim = store.claim("t", 1, 0, 100, 30)
-    publisher = Publisher(settings)
+    # The path pool uses for this broker: Redis and RabbitMQ batches, send_task on the filesystem.
+    publisher = create_publisher(settings)
     try:
         assert len(publisher.publish(claim.rows).accepted) == 20
         # A crash between publish and ack re-publishes the batch with the same task ids.
