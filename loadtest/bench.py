@@ -478,9 +478,12 @@ def measure_pool(args: argparse.Namespace, workers: int) -> Result:
         pollers = [kib for pid, kib in peaks.items() if names.get(pid, "").startswith("poller-")]
         if pollers:
             result.peak_rss_mib = max(pollers) / 1024
-            others = {names.get(pid, "other"): kib for pid, kib in peaks.items()
-                      if not names.get(pid, "").startswith("poller-") and pid != proc.pid}
-            others["supervisor"] = peaks.get(proc.pid, 0)
+            others: dict[str, int] = {"supervisor": peaks.get(proc.pid, 0)}
+            for pid, kib in peaks.items():
+                if pid != proc.pid and not names.get(pid, "").startswith("poller-"):
+                    # Unnamed: multiprocessing's resource tracker, which the supervisor starts.
+                    name = names.get(pid, "other")
+                    others[name] = max(others.get(name, 0), kib)
             rest = ", ".join(f"{name} {kib / 1024:.0f}" for name, kib in sorted(others.items()))
             result.rss_note = (f"peak RSS MiB: pollers {min(pollers) / 1024:.0f}-{max(pollers) / 1024:.0f},"
                                f" {rest}")

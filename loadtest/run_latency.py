@@ -137,6 +137,8 @@ def main() -> int:
         cpu_before = child_cpu()
         machine_before = machine_cpu()
         pool_before = tree_cpu(pool.pid)
+        services = ServiceCpu()
+        services.start()
         metrics_before = scrape(metrics_url)
         with open(out / "locust.log", "w") as log:
             started = time.monotonic()
@@ -145,10 +147,12 @@ def main() -> int:
         wall = time.monotonic() - started
         cpu = child_cpu() - cpu_before
         pool_cpu = tree_cpu(pool.pid) - pool_before
+        service_cpu = services.stop()
         busy, total = (after - before for after, before in zip(machine_cpu(), machine_before, strict=True))
         print(f"locust exited {result.returncode} after {wall:.1f} s (log: {out / 'locust.log'})")
         print(f"  CPU: locust {cpu:.1f} s ({100 * cpu / wall:.0f}% of one core); pool {pool_cpu:.1f} s "
-              f"({100 * pool_cpu / wall:.0f}% of one core); whole machine "
+              f"({100 * pool_cpu / wall:.0f}% of one core); postgres+redis {service_cpu:.1f} s "
+              f"({100 * service_cpu / wall:.0f}% of one core); whole machine "
               f"{100 * busy / max(total, 1):.0f}% busy of {os.cpu_count()} cores; load average "
               f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
         metrics = {k: v - metrics_before.get(k, 0.0) for k, v in scrape(metrics_url).items()}
@@ -215,6 +219,38 @@ def scrape(urls: list[str]) -> dict[str, float]:
         if name in wanted:
             totals[wanted[name]] = totals.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
     return totals
+
+
+class ServiceCpu(threading.Thread):
+    """CPU seconds of every PostgreSQL and Redis process (backends come and go), sampled each second."""
+
+    NAMES = ("postgres", "redis-server")
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.done = threading.Event()
+        self._sample(initial=True)
+
+    def _sample(self, initial: bool = False) -> None:
+        for process in psutil.process_iter(["name", "cpu_times"]):
+            if process.info["name"] in self.NAMES and process.info["cpu_times"] is not None:
+                times = process.info["cpu_times"]
+                cpu = times.user + times.system
+                # A backend born during the run started from zero.
+                self.first.setdefault(process.pid, cpu if initial else 0.0)
+                self.last[process.pid] = cpu
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self._sample()
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join(timeout=5)
+        self._sample()
+        return sum(self.last[pid] - self.first[pid] for pid in self.last)
 
 
 def tree_cpu(pid: int) -> float:

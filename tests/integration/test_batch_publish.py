@@ -21,6 +21,20 @@ def rows(count: int, start: int = 1) -> list[ClaimedRow]:
             for i, s in enumerate(generate_signals(count, seed=start))]
 
 
+def odd_rows() -> list[ClaimedRow]:
+    """Values whose repr needs care: quotes, escapes, non-ASCII, NULLs, integers, long text."""
+    base = rows(6)
+    odd = [
+        {"name": "quote ' and \"double\"", "source": None},
+        {"name": "tab\tnew\nline \\ back", "value": 7},
+        {"name": "\u00fcn\u00efc\u00f6de \u2603 \U0001F600", "source": "api"},
+        {"name": "x" * 2000},
+        {"value": -0.0, "timestamp": None},
+        {},
+    ]
+    return [ClaimedRow(**{**vars(row), **change}) for row, change in zip(base, odd, strict=True)]
+
+
 def comparable(raw: bytes) -> dict:
     message = json.loads(raw)
     for section, key in VOLATILE:
@@ -30,16 +44,16 @@ def comparable(raw: bytes) -> dict:
 
 def test_redis_batch_messages_equal_send_task_messages(redis_url, queue_name):
     settings = make_settings(broker_url=redis_url, queue=queue_name)
-    batch = rows(3)
+    batch = rows(3) + [ClaimedRow(**{**vars(r), "id": r.id + 3}) for r in odd_rows()]
     reference = Publisher(settings)
     batched = create_publisher(settings)
     assert isinstance(batched, RedisBatchPublisher)
     client = redis.Redis.from_url(redis_url)
     try:
-        assert reference.publish(batch).accepted == [1, 2, 3]
+        assert reference.publish(batch).accepted == list(range(1, 10))
         by_send_task = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
         client.delete(queue_name)
-        assert batched.publish(batch).accepted == [1, 2, 3]
+        assert batched.publish(batch).accepted == list(range(1, 10))
         by_batch = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
     finally:
         reference.close()
@@ -47,7 +61,7 @@ def test_redis_batch_messages_equal_send_task_messages(redis_url, queue_name):
         client.close()
     assert by_batch == by_send_task
     # Queue order is publish order: the worker pops from the tail.
-    assert [m["headers"]["id"] for m in by_batch] == ["signal-3", "signal-2", "signal-1"]
+    assert [m["headers"]["id"] for m in by_batch] == [f"signal-{i}" for i in range(9, 0, -1)]
 
 
 def test_redis_batch_is_one_atomic_push_and_reports_an_outage_as_unsent(redis_url, queue_name):
