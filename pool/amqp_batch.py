@@ -10,17 +10,16 @@ that were not confirmed unsent.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from pool.payload import task_id_for
-from pool.publisher import CONNECTION_ERRORS, Publisher, PublishResult
-from pool.store import ClaimedRow
+from pool.publisher import BatchPublisher
 
 CONFIRM_TIMEOUT = 10.0
 
 
-class AmqpBatchPublisher(Publisher):
+class AmqpBatchPublisher(BatchPublisher):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._captured: list[tuple[Any, str, str, bool, bool]] = []
@@ -56,45 +55,30 @@ class AmqpBatchPublisher(Publisher):
             channel.basic_publish = capture
         return self._producer
 
-    def publish(self, rows: Sequence[ClaimedRow],
-                keep_going: Callable[[], bool] = lambda: True) -> PublishResult:
-        result = PublishResult()
-        if not keep_going():
-            result.unsent.extend(r.id for r in rows)
-            return result
-        payloads = self.build_payloads(rows, result)
-        if not payloads:
-            return result
+    def accepted_before_failure(self) -> set[int]:
+        return set(self._confirmed)
+
+    def send_batch(self, payloads: list[tuple[int, dict]]) -> tuple[set[int], str | None]:
         amqp = self.app.amqp
         name = self.settings.task_name
-        try:
-            producer = self._get_producer()
-            channel = producer.channel
-            self._captured.clear()
-            self._confirmed.clear()
-            self._nacked.clear()
-            for row_id, payload in payloads:
-                message = amqp.create_task_message(task_id_for(row_id), name, [payload], {},
-                                                   reply_to=self.app.thread_oid, ignore_result=None)
-                amqp.send_task_message(producer, name, message, queue=self.settings.queue, retry=False)
-            for (message, exchange, routing_key, mandatory, immediate), (row_id, _) in zip(
-                self._captured, payloads, strict=True
-            ):
-                channel._basic_publish(message, exchange, routing_key, mandatory, immediate)
-                self._outstanding[self._next_tag] = row_id
-                self._next_tag += 1
-            self._wait_for_confirms()
-        except CONNECTION_ERRORS as exc:
-            result.broker_error = self._describe(exc)
-            result.accepted.extend(r for r, _ in payloads if r in self._confirmed)
-            result.unsent.extend(r for r, _ in payloads if r not in self._confirmed)
-            self._reset()
-            return result
-        result.accepted.extend(r for r, _ in payloads if r in self._confirmed)
-        result.unsent.extend(r for r, _ in payloads if r not in self._confirmed)
-        if self._nacked:
-            result.broker_error = f"RabbitMQ nacked {len(self._nacked)} message(s)"
-        return result
+        producer = self._get_producer()
+        channel = producer.channel
+        self._captured.clear()
+        self._confirmed.clear()
+        self._nacked.clear()
+        for row_id, payload in payloads:
+            message = amqp.create_task_message(task_id_for(row_id), name, [payload], {},
+                                               reply_to=self.app.thread_oid, ignore_result=None)
+            amqp.send_task_message(producer, name, message, queue=self.settings.queue, retry=False)
+        for (message, exchange, routing_key, mandatory, immediate), (row_id, _) in zip(
+            self._captured, payloads, strict=True
+        ):
+            channel._basic_publish(message, exchange, routing_key, mandatory, immediate)
+            self._outstanding[self._next_tag] = row_id
+            self._next_tag += 1
+        self._wait_for_confirms()
+        error = f"RabbitMQ nacked {len(self._nacked)} message(s)" if self._nacked else None
+        return set(self._confirmed), error
 
     def _wait_for_confirms(self) -> None:
         connection = self._connection

@@ -251,6 +251,8 @@ class Poller:
         self._broker_failing = error is not None
 
     def run(self) -> None:
+        if self.wake is not None:
+            self.wake.listen()
         db_backoff = broker_backoff = BACKOFF_START
         while not self.stop.is_set():
             if self._must_pause():

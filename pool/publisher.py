@@ -106,6 +106,37 @@ class Publisher:
         self._reset()
 
 
+class BatchPublisher(Publisher):
+    """Publishes a batch in one go; subclasses say how, and which rows the broker accepted."""
+
+    def send_batch(self, payloads: list[tuple[int, dict]]) -> tuple[set[int], str | None]:
+        """Send all payloads; return the accepted row ids and an error about the others."""
+        raise NotImplementedError
+
+    def accepted_before_failure(self) -> set[int]:
+        """Row ids the broker had surely accepted when the connection failed mid-batch."""
+        return set()
+
+    def publish(self, rows: Sequence[ClaimedRow],
+                keep_going: Callable[[], bool] = lambda: True) -> PublishResult:
+        result = PublishResult()
+        if not keep_going():
+            result.unsent.extend(r.id for r in rows)
+            return result
+        payloads = self.build_payloads(rows, result)
+        if not payloads:
+            return result
+        try:
+            accepted, result.broker_error = self.send_batch(payloads)
+        except CONNECTION_ERRORS as exc:
+            result.broker_error = self._describe(exc)
+            accepted = self.accepted_before_failure()
+            self._reset()
+        result.accepted.extend(r for r, _ in payloads if r in accepted)
+        result.unsent.extend(r for r, _ in payloads if r not in accepted)
+        return result
+
+
 def create_publisher(settings: Settings) -> Publisher:
     """The fastest path the broker allows: one LPUSH per batch on Redis, a batch of publishes and
     then its confirms on RabbitMQ, send_task (one message at a time) on any other transport."""

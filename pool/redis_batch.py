@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery.utils.saferepr import saferepr
 from kombu.utils.json import dumps, loads
 
 from pool.payload import task_id_for
-from pool.publisher import CONNECTION_ERRORS, Publisher, PublishResult
-from pool.store import ClaimedRow
+from pool.publisher import BatchPublisher
 
 # The third element of a protocol-2 body: no callbacks, errbacks, chain or chord.
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -34,7 +32,7 @@ def args_repr(args: list, maxsize: int) -> str:
     return text if plain and len(text) < maxsize else saferepr(args, maxsize)
 
 
-class RedisBatchPublisher(Publisher):
+class RedisBatchPublisher(BatchPublisher):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._template: dict[str, Any] | None = None
@@ -76,25 +74,10 @@ class RedisBatchPublisher(Publisher):
         super()._reset()
         self._template = None
 
-    def publish(self, rows: Sequence[ClaimedRow],
-                keep_going: Callable[[], bool] = lambda: True) -> PublishResult:
-        result = PublishResult()
-        if not keep_going():
-            result.unsent.extend(r.id for r in rows)
-            return result
-        payloads = self.build_payloads(rows, result)
-        if not payloads:
-            return result
-        try:
-            if self._template is None:
-                self._template = self._build_template()
-            encoded = [self.encode(row_id, payload) for row_id, payload in payloads]
-            with self._producer.channel.conn_or_acquire() as client:
-                client.lpush(self._list_key, *encoded)
-        except CONNECTION_ERRORS as exc:
-            result.broker_error = self._describe(exc)
-            result.unsent.extend(row_id for row_id, _ in payloads)
-            self._reset()
-            return result
-        result.accepted.extend(row_id for row_id, _ in payloads)
-        return result
+    def send_batch(self, payloads: list[tuple[int, dict]]) -> tuple[set[int], str | None]:
+        if self._template is None:
+            self._template = self._build_template()
+        encoded = [self.encode(row_id, payload) for row_id, payload in payloads]
+        with self._producer.channel.conn_or_acquire() as client:
+            client.lpush(self._list_key, *encoded)
+        return {row_id for row_id, _ in payloads}, None

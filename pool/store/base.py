@@ -80,6 +80,8 @@ class SchemaChanges:
 
 
 class WakeListener(Protocol):
+    def listen(self) -> None: ...
+
     def wait(self, seconds: float, stop: Callable[[], bool]) -> bool:
         """Block up to `seconds` or until woken (True) or until stop() holds."""
         ...

@@ -31,6 +31,13 @@ class PgNotifyListener:
             self._conn = conn
         return self._conn
 
+    def listen(self) -> None:
+        """LISTEN now, before the first claim, so no insert after that claim goes unnoticed."""
+        try:
+            self._connect()
+        except psycopg.Error as exc:
+            log.debug("notify listener could not connect yet: %s", type(exc).__name__)
+
     def wait(self, seconds: float, stop: Callable[[], bool]) -> bool:
         deadline = time.monotonic() + seconds
         while not stop():

@@ -41,9 +41,10 @@ class PostgresStore(SqlStore):
         # Two concurrent init-db runs would race on ADD COLUMN.
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('pool-init-db'))"))
 
-    @property
-    def notify_channel(self) -> str:
-        return index_name(self.settings.table, "pool_new")
+    def _notify_channel(self, conn: Connection) -> str:
+        # Keyed by the table's oid: tables of the same name in other schemas get their own channel.
+        oid = conn.execute(text("SELECT to_regclass(:t)::oid"), {"t": self.t}).scalar_one()
+        return f"pool_new_{oid}"
 
     def _ensure_extras(self, conn: Connection) -> tuple[str, ...]:
         created = []
@@ -55,7 +56,7 @@ class PostgresStore(SqlStore):
         ).first()
         if have_trigger is None:
             # One NOTIFY per statement, not per row: a COPY of a million rows wakes pollers once.
-            channel = self.notify_channel.replace("'", "''")
+            channel = self._notify_channel(conn)
             conn.execute(text(
                 f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS"
                 f" $$ BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END $$"
@@ -64,7 +65,7 @@ class PostgresStore(SqlStore):
                 f"CREATE TRIGGER {self.q(trigger)} AFTER INSERT ON {self.t}"
                 f" FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
             ))
-            created.append(f"trigger {trigger} (NOTIFY {self.notify_channel})")
+            created.append(f"trigger {trigger} (NOTIFY {channel})")
         options = conn.execute(
             text("SELECT COALESCE(reloptions, '{}') FROM pg_class WHERE oid = to_regclass(:t)"),
             {"t": self.t},
@@ -78,7 +79,9 @@ class PostgresStore(SqlStore):
 
     def wake_listener(self) -> PgNotifyListener:
         url = self.engine.url.set(drivername="postgresql")
-        return PgNotifyListener(url.render_as_string(hide_password=False), self.notify_channel)
+        with self.engine.connect() as conn:
+            channel = self._notify_channel(conn)
+        return PgNotifyListener(url.render_as_string(hide_password=False), channel)
 
     def _index_exists(self, conn: Connection, name: str) -> bool:
         return conn.execute(text("SELECT to_regclass(:i)"), {"i": self.q(name)}).scalar_one() is not None
