@@ -62,8 +62,11 @@ def main() -> int:
             raise SystemExit("pool start did not get ready")
         ready_at = time.monotonic()
         with psycopg.connect(db_url, autocommit=True) as conn:
+            # LLEN is cheap; the COUNT scans the table, so it only runs once all messages are in.
+            while broker.llen("celery") < args.rows:
+                time.sleep(0.02)
             while conn.execute("SELECT COUNT(*) FROM signals WHERE processed = 0").fetchone()[0]:
-                time.sleep(0.1)
+                time.sleep(0.02)
             processed = conn.execute("SELECT COUNT(*) FROM signals WHERE processed = 1").fetchone()[0]
         drained_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -14,20 +14,28 @@ log = logging.getLogger(__name__)
 
 # Longest block inside psycopg before checking the stop flag again.
 SLICE_SECONDS = 0.2
+CHANNEL_OID_SQL = "SELECT to_regclass(%s)::oid"
+
+
+def notify_channel(table_oid: int) -> str:
+    # Keyed by the table's oid: tables of the same name in other schemas get their own channel.
+    return f"pool_new_{table_oid}"
 
 
 class PgNotifyListener:
     """A dedicated autocommit connection that LISTENs on one channel; reconnects lazily."""
 
-    def __init__(self, conninfo: str, channel: str) -> None:
+    def __init__(self, conninfo: str, quoted_table: str) -> None:
         self.conninfo = conninfo
-        self.channel = channel
+        self.quoted_table = quoted_table
         self._conn: psycopg.Connection | None = None
 
     def _connect(self) -> psycopg.Connection:
+        # Connects lazily, so a database that is down when a poller starts does not stop it.
         if self._conn is None or self._conn.closed:
             conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5)
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            oid = conn.execute(CHANNEL_OID_SQL, (self.quoted_table,)).fetchone()[0]
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(oid))))
             self._conn = conn
         return self._conn
 

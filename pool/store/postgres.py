@@ -9,7 +9,7 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.engine import Connection
 
 from pool.store.base import Claim, ClaimedRow, SqlStore, index_name, new_lease
-from pool.store.pg_notify import PgNotifyListener
+from pool.store.pg_notify import CHANNEL_OID_SQL, PgNotifyListener, notify_channel
 
 RELAY_COLUMN_TYPES = {
     "lease_owner": "TEXT",
@@ -42,9 +42,8 @@ class PostgresStore(SqlStore):
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('pool-init-db'))"))
 
     def _notify_channel(self, conn: Connection) -> str:
-        # Keyed by the table's oid: tables of the same name in other schemas get their own channel.
-        oid = conn.execute(text("SELECT to_regclass(:t)::oid"), {"t": self.t}).scalar_one()
-        return f"pool_new_{oid}"
+        oid = conn.exec_driver_sql(CHANNEL_OID_SQL, (self.t,)).scalar_one()
+        return notify_channel(oid)
 
     def _ensure_extras(self, conn: Connection) -> tuple[str, ...]:
         created = []
@@ -79,9 +78,7 @@ class PostgresStore(SqlStore):
 
     def wake_listener(self) -> PgNotifyListener:
         url = self.engine.url.set(drivername="postgresql")
-        with self.engine.connect() as conn:
-            channel = self._notify_channel(conn)
-        return PgNotifyListener(url.render_as_string(hide_password=False), channel)
+        return PgNotifyListener(url.render_as_string(hide_password=False), self.t)
 
     def _index_exists(self, conn: Connection, name: str) -> bool:
         return conn.execute(text("SELECT to_regclass(:i)"), {"i": self.q(name)}).scalar_one() is not None
