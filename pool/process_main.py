@@ -35,7 +35,8 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     stop = StopSignal(grace=max(0.5, settings.shutdown_timeout * 0.8))
     _stop_on_signals(stop)
     setup_logging(settings.log_level, f"poller-{index}")
-    # Imported here, after the supervisor set PROMETHEUS_MULTIPROC_DIR, and after fork.
+    # prometheus_client is first imported here, in the child, after the supervisor set
+    # PROMETHEUS_MULTIPROC_DIR; connections are made here too, never inherited.
     from pool.metrics import PrometheusHooks
     from pool.poller import Poller, PollerIdentity
     from pool.publisher import create_publisher

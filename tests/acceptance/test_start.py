@@ -170,3 +170,14 @@ def test_a_second_signal_stops_at_once_even_with_a_batch_in_flight(tmp_path):
 def leased_rows(db_path) -> int:
     with closing(sqlite3.connect(db_path)) as conn:
         return conn.execute("SELECT COUNT(*) FROM signals WHERE lease_owner IS NOT NULL").fetchone()[0]
+
+
+def test_a_taken_metrics_port_exits_2_with_the_reason(tmp_path):
+    env = clean_env()
+    assert run_pool("init-db", env=env, cwd=tmp_path).returncode == 0
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_pool("start", "--workers", "1", "--metrics-port", str(port), env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
