@@ -61,11 +61,14 @@ def cli() -> None:
 
 
 @cli.command("init-db")
+@click.option("--notify", is_flag=True,
+              help="PostgreSQL: add an insert trigger whose NOTIFY wakes idle pollers at once. It costs "
+                   "inserting clients a database-wide lock at each commit; see the README.")
 @with_settings([])
-def init_db(settings: Any) -> None:
+def init_db(settings: Any, notify: bool) -> None:
     """Create the signals table, or add the relay's columns and index to an existing one."""
     with _store(settings, check=False) as store:
-        changes = store.init_schema()
+        changes = store.init_schema(notify=notify)
     if not changes.changed:
         click.echo(f"table {settings.table}: already prepared, nothing changed")
         return

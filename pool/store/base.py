@@ -143,7 +143,7 @@ class SqlStore:
     def _lock_schema(self, conn: Connection) -> None:
         """Serialise concurrent init-db runs where the database needs it."""
 
-    def _ensure_extras(self, conn: Connection) -> tuple[str, ...]:
+    def _ensure_extras(self, conn: Connection, notify: bool) -> tuple[str, ...]:
         """Dialect-specific extras (triggers, storage settings); returns what it created."""
         return ()
 
@@ -157,8 +157,9 @@ class SqlStore:
     # --- shared --------------------------------------------------------------------
     relay_column_types: Mapping[str, str] = {}
 
-    def init_schema(self) -> SchemaChanges:
-        """Create the table, or add the relay's columns and index to an existing one.
+    def init_schema(self, notify: bool = False) -> SchemaChanges:
+        """Create the table, or add the relay's columns and index to an existing one; with
+        `notify`, also the insert trigger that wakes idle pollers (PostgreSQL only).
 
         Existing rows are left as they are; a second run finds nothing to do."""
         settings = self.settings
@@ -183,7 +184,7 @@ class SqlStore:
                     f" WHERE {self.c_processed} = 0 AND dead_at IS NULL"
                 ))
                 indexes = (pending,)
-            extras = self._ensure_extras(conn)
+            extras = self._ensure_extras(conn, notify)
         return SchemaChanges(
             created_table=created, added_columns=() if created else added,
             created_indexes=indexes, created_extras=extras,

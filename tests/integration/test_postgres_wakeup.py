@@ -16,7 +16,7 @@ from tests.helpers import make_settings, wait_until
 def test_an_insert_wakes_an_idle_poller_long_before_its_poll_interval(pg_url, redis_url, queue_name):
     settings = make_settings(db_url=pg_url, broker_url=redis_url, queue=queue_name, poll_interval="60")
     store = open_store(settings)
-    store.init_schema()
+    store.init_schema(notify=True)
     publisher = create_publisher(settings)
     stop = StopSignal()
     poller = Poller(store, publisher, PollerIdentity("t", 0, 1), settings, stop)
@@ -64,12 +64,15 @@ def test_claim_stays_index_driven_as_processed_rows_pile_up(pg_url):
     store.close()
 
 
-def test_init_db_applies_the_notify_trigger_and_storage_settings_once(pg_url):
+def test_init_db_applies_storage_settings_and_the_opt_in_notify_trigger_once(pg_url):
     store = open_store(make_settings(db_url=pg_url))
     first = store.init_schema()
-    assert any("trigger signals_pool_notify" in e for e in first.created_extras)
+    assert not any("trigger" in e for e in first.created_extras)  # opt-in
     assert any("fillfactor = 90" in e for e in first.created_extras)
     assert not store.init_schema().changed
+    with_trigger = store.init_schema(notify=True)
+    assert any("trigger signals_pool_notify" in e for e in with_trigger.created_extras)
+    assert not store.init_schema(notify=True).changed
     with store.engine.connect() as conn:
         options = conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = 'signals'::regclass"))
         assert "autovacuum_vacuum_scale_factor=0.02" in options.scalar_one()
