@@ -109,11 +109,11 @@ def main() -> int:
     parser.add_argument("--vacuum-wait", type=float, default=150.0,
                         help="seconds to wait after the drain for autovacuum to run once")
     args = parser.parse_args()
-    print(f"{'rows':>9} {'drain s':>8} {'rows/s':>8} {'live':>9} {'dead':>8} {'dead+av':>8} {'autovac':>7}"
-          f" {'table MB':>8} {'pending idx KB':>14}  claim plan")
     with psycopg.connect(args.pg, autocommit=True) as conn:
         if conn.execute("SHOW autovacuum").fetchone()[0] != "on":
             print("note: autovacuum is off on this server, so 'dead+av' equals 'dead'")
+    print(f"{'rows':>9} {'drain s':>8} {'rows/s':>8} {'live':>9} {'dead':>8} {'dead+av':>8} {'autovac':>7}"
+          f" {'table MB':>8} {'pending idx KB':>14}  claim plan")
     for size in (int(s) for s in args.sizes.split(",")):
         r = drain(size, args.workers, args.pg, args.redis, args.vacuum_wait)
         print(f"{r['rows']:>9} {r['seconds']:>8.2f} {r['rows_per_s']:>8.0f} {r['live']:>9} {r['dead']:>8}"
