@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -22,6 +20,9 @@ from urllib.parse import quote
 
 import psycopg
 import redis
+
+# Run as a script (python loadtest/drain.py), so its folder is on sys.path.
+from harness import POOL, pool_env, start_pool, wait_drained
 
 
 def main() -> int:
@@ -39,34 +40,17 @@ def main() -> int:
     db_url = f"{args.pg}?options={quote(f'-csearch_path={schema}')}"
     broker = redis.Redis.from_url(args.redis)
     broker.flushdb()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PULSE_")}
-    env.update(PULSE_DB_URL=db_url, PULSE_BROKER_URL=args.redis, PULSE_BATCH_SIZE=str(args.batch_size),
-               PULSE_LOG_LEVEL="WARNING")
-    pool = [sys.executable, "-m", "pool"]
+    env = pool_env(PULSE_DB_URL=db_url, PULSE_BROKER_URL=args.redis, PULSE_BATCH_SIZE=str(args.batch_size),
+                   PULSE_LOG_LEVEL="WARNING")
     try:
-        subprocess.run([*pool, "seed", "--count", str(args.rows), "--chunk", "20000"], env=env,
+        subprocess.run([*POOL, "seed", "--count", str(args.rows), "--chunk", "20000"], env=env,
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         launched = time.monotonic()
         env["PULSE_LOG_LEVEL"] = "INFO"
-        proc = subprocess.Popen([*pool, "start", "--workers", str(args.workers), "--metrics-port", "0"],
-                                env=env, stderr=subprocess.PIPE, text=True)
-        ready = threading.Event()
-
-        def read() -> None:
-            for line in proc.stderr:
-                if "ready:" in line:
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(120):
-            raise SystemExit("pool start did not get ready")
+        proc = start_pool(env, args.workers)
         ready_at = time.monotonic()
         with psycopg.connect(db_url, autocommit=True) as conn:
-            # LLEN is cheap; the COUNT scans the table, so it only runs once all messages are in.
-            while broker.llen("celery") < args.rows:
-                time.sleep(0.02)
-            while conn.execute("SELECT COUNT(*) FROM signals WHERE processed = 0").fetchone()[0]:
-                time.sleep(0.02)
+            wait_drained(broker, conn, args.rows)
             processed = conn.execute("SELECT COUNT(*) FROM signals WHERE processed = 1").fetchone()[0]
         drained_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)

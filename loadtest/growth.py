@@ -11,17 +11,18 @@ are processed. Prints one line per size.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from urllib.parse import quote
 
 import psycopg
 import redis
+
+# Run as a script (python loadtest/growth.py), so its folder is on sys.path.
+from harness import POOL, pool_env, start_pool, wait_drained
 
 
 def scan_nodes(plan: dict) -> str:
@@ -42,32 +43,16 @@ def drain(size: int, workers: int, pg: str, redis_url: str, vacuum_wait: float) 
     db_url = f"{pg}?options={quote(f'-csearch_path={schema}')}"
     broker = redis.Redis.from_url(redis_url)
     broker.flushdb()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "PROMETHEUS_"))}
-    env.update(PULSE_DB_URL=db_url, PULSE_BROKER_URL=redis_url, PULSE_BACKPRESSURE_HIGH="0")
-    pool = [sys.executable, "-m", "pool"]
+    env = pool_env(PULSE_DB_URL=db_url, PULSE_BROKER_URL=redis_url, PULSE_BACKPRESSURE_HIGH="0")
     try:
-        subprocess.run([*pool, "seed", "--count", str(size), "--chunk", "50000"], env=env, check=True,
+        subprocess.run([*POOL, "seed", "--count", str(size), "--chunk", "50000"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE signals")
-        proc = subprocess.Popen([*pool, "start", "--workers", str(workers), "--metrics-port", "0"],
-                                env=env, stderr=subprocess.PIPE, text=True)
-        ready = threading.Event()
-
-        def read() -> None:
-            for line in proc.stderr:
-                if "ready:" in line:
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(120):
-            raise SystemExit("pool start did not get ready")
+        proc = start_pool(env, workers)
         started = time.monotonic()
-        while broker.llen("celery") < size:
-            time.sleep(0.02)
         with psycopg.connect(db_url, autocommit=True) as conn:
-            while conn.execute("SELECT COUNT(*) FROM signals WHERE processed = 0").fetchone()[0]:
-                time.sleep(0.02)
+            wait_drained(broker, conn, size)
             seconds = time.monotonic() - started
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
