@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pool.payload import task_id_for
+from pool.payload import Prepared, task_id_for
 from pool.publisher import BatchPublisher
 
 CONFIRM_TIMEOUT = 10.0
@@ -58,7 +58,7 @@ class AmqpBatchPublisher(BatchPublisher):
     def accepted_before_failure(self) -> set[int]:
         return set(self._confirmed)
 
-    def send_batch(self, payloads: list[tuple[int, dict]]) -> tuple[set[int], str | None]:
+    def send_batch(self, payloads: list[Prepared]) -> tuple[set[int], str | None]:
         amqp = self.app.amqp
         name = self.settings.task_name
         producer = self._get_producer()
@@ -66,12 +66,12 @@ class AmqpBatchPublisher(BatchPublisher):
         self._captured.clear()
         self._confirmed.clear()
         self._nacked.clear()
-        for row_id, payload in payloads:
+        for row_id, payload, _json in payloads:
             message = amqp.create_task_message(task_id_for(row_id), name, [payload], {},
                                                reply_to=self.app.thread_oid, ignore_result=None)
             amqp.send_task_message(producer, name, message, queue=self.settings.queue, retry=False)
-        for (message, exchange, routing_key, mandatory, immediate), (row_id, _) in zip(
-            self._captured, payloads, strict=True
+        for (message, exchange, routing_key, mandatory, immediate), row_id in zip(
+            self._captured, (p.id for p in payloads), strict=True
         ):
             channel._basic_publish(message, exchange, routing_key, mandatory, immediate)
             self._outstanding[self._next_tag] = row_id

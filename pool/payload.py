@@ -6,11 +6,14 @@ import json
 import math
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from pool.store import ClaimedRow
 
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
+# Built once: json.dumps with any non-default option builds a new encoder on every call.
+_ASCII_JSON = json.JSONEncoder(allow_nan=False)
+_UTF8_JSON = json.JSONEncoder(allow_nan=False, ensure_ascii=False)
 
 
 class PayloadError(ValueError):
@@ -86,10 +89,20 @@ def _timestamp(value: Any) -> str | None:
         raise PayloadError(f"timestamp is not an ISO-8601 time ({text[:40]!r})") from None
 
 
-def build_payload(row: ClaimedRow, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any]:
-    """The task argument for `row`: {"id", "name", "value", "source", "timestamp"}.
+class Prepared(NamedTuple):
+    """A row ready to publish: its task argument, and that argument as the JSON that is sent."""
 
-    name and value are required; source and timestamp may be NULL (sent as null)."""
+    id: int
+    payload: dict[str, Any]
+    json: str
+
+
+def prepare(row: ClaimedRow, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Prepared:
+    """The task argument for `row`: {"id", "name", "value", "source", "timestamp"}, and its JSON.
+
+    name and value are required; source and timestamp may be NULL (sent as null). The JSON is
+    what Celery's serializer writes (ASCII, escaped), so publishers reuse it instead of
+    encoding the row a second time."""
     if row.name is None:
         raise PayloadError("name is NULL")
     if row.value is None:
@@ -101,7 +114,16 @@ def build_payload(row: ClaimedRow, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -
         "source": _text("source", row.source),
         "timestamp": _timestamp(row.timestamp),
     }
-    size = len(json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8"))
-    if size > max_bytes:
-        raise PayloadError(f"payload is {size} bytes, over the {max_bytes}-byte maximum")
-    return payload
+    text = _ASCII_JSON.encode(payload)
+    # The limit is on UTF-8 bytes. Escaped ASCII is never shorter than UTF-8, so only a
+    # payload over the limit in its escaped form needs its exact size.
+    if len(text) > max_bytes:
+        size = len(_UTF8_JSON.encode(payload).encode("utf-8"))
+        if size > max_bytes:
+            raise PayloadError(f"payload is {size} bytes, over the {max_bytes}-byte maximum")
+    return Prepared(row.id, payload, text)
+
+
+def build_payload(row: ClaimedRow, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """The task argument for `row` (see `prepare`)."""
+    return prepare(row, max_bytes).payload

@@ -11,7 +11,7 @@ from kombu.exceptions import KombuError, OperationalError
 
 from pool.broker import create_celery_app
 from pool.config import Settings
-from pool.payload import PayloadError, build_payload, task_id_for
+from pool.payload import PayloadError, Prepared, prepare, task_id_for
 from pool.redact import redact_text
 from pool.store import ClaimedRow
 
@@ -55,12 +55,13 @@ class Publisher:
             with contextlib.suppress(Exception):
                 connection.close()
 
-    def build_payloads(self, rows: Sequence[ClaimedRow], result: PublishResult) -> list[tuple[int, dict]]:
-        """(row id, task argument) for every row that can be published; the others go to rejected."""
+    def build_payloads(self, rows: Sequence[ClaimedRow], result: PublishResult) -> list[Prepared]:
+        """Every row that can be published, prepared; the others go to rejected."""
         payloads = []
+        max_bytes = self.max_payload_bytes
         for row in rows:
             try:
-                payloads.append((row.id, build_payload(row, self.max_payload_bytes)))
+                payloads.append(prepare(row, max_bytes))
             except PayloadError as exc:
                 result.rejected[row.id] = str(exc)
             except Exception as exc:  # noqa: BLE001 - one odd row must not take down the batch
@@ -72,9 +73,9 @@ class Publisher:
         """Publish rows one by one (send_task); once `keep_going()` is False the rest are unsent."""
         result = PublishResult()
         payloads = self.build_payloads(rows, result)
-        for position, (row_id, payload) in enumerate(payloads):
+        for position, (row_id, payload, _json) in enumerate(payloads):
             if not keep_going():
-                result.unsent.extend(r for r, _ in payloads[position:])
+                result.unsent.extend(p.id for p in payloads[position:])
                 break
             try:
                 self.app.send_task(
@@ -88,7 +89,7 @@ class Publisher:
                 )
             except CONNECTION_ERRORS as exc:
                 result.broker_error = self._describe(exc)
-                result.unsent.extend(r for r, _ in payloads[position:])
+                result.unsent.extend(p.id for p in payloads[position:])
                 self._reset()
                 break
             except (KombuError, TypeError, ValueError) as exc:
@@ -109,7 +110,7 @@ class Publisher:
 class BatchPublisher(Publisher):
     """Publishes a batch in one go; subclasses say how, and which rows the broker accepted."""
 
-    def send_batch(self, payloads: list[tuple[int, dict]]) -> tuple[set[int], str | None]:
+    def send_batch(self, payloads: list[Prepared]) -> tuple[set[int], str | None]:
         """Send all payloads; return the accepted row ids and an error about the others."""
         raise NotImplementedError
 
@@ -132,8 +133,8 @@ class BatchPublisher(Publisher):
             result.broker_error = self._describe(exc)
             accepted = self.accepted_before_failure()
             self._reset()
-        result.accepted.extend(r for r, _ in payloads if r in accepted)
-        result.unsent.extend(r for r, _ in payloads if r not in accepted)
+        result.accepted.extend(p.id for p in payloads if p.id in accepted)
+        result.unsent.extend(p.id for p in payloads if p.id not in accepted)
         return result
 
 

@@ -33,6 +33,14 @@ STORAGE_SETTINGS = {
 }
 
 
+# The claim must walk the pending index in id order and stop after `limit` rows. Without
+# statistics (autovacuum off, or a big COPY since the last ANALYZE) the planner guessed one
+# pending row and chose a bitmap scan that sorted the whole backlog: 54 ms per claim on 200k
+# pending rows instead of 0.3 ms. Ruling out sorts for the claim's transaction leaves only
+# the ordered index scan, whatever the statistics say.
+PIN_CLAIM_PLAN = "SELECT set_config('enable_sort', 'off', true)"
+
+
 class PostgresStore(SqlStore):
     dialect_name = "postgresql"
     relay_column_types = RELAY_COLUMN_TYPES
@@ -144,6 +152,7 @@ class PostgresStore(SqlStore):
     def explain_claim(self, shard_count: int, shard: int, limit: int) -> dict:
         """The planner's JSON plan for the claim's row selection, to check it stays index-driven."""
         with self.engine.begin() as conn:
+            conn.execute(text(PIN_CLAIM_PLAN))
             plan = conn.execute(
                 text(f"EXPLAIN (FORMAT JSON) {self._pick_sql()}"),
                 {"shard_count": shard_count, "shard": shard, "limit": limit},
@@ -170,6 +179,7 @@ class PostgresStore(SqlStore):
             "owner": lease.owner, "token": lease.token, "lease": lease_seconds,
         }
         with self.engine.begin() as conn:
+            conn.execute(text(PIN_CLAIM_PLAN))
             rows = conn.execute(text(sql), params).all()
         claimed = sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
         return Claim(lease=lease, rows=claimed)

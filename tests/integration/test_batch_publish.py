@@ -22,8 +22,9 @@ def rows(count: int, start: int = 1) -> list[ClaimedRow]:
 
 
 def odd_rows() -> list[ClaimedRow]:
-    """Values whose repr needs care: quotes, escapes, non-ASCII, NULLs, integers, long text."""
-    base = rows(6)
+    """Values whose repr needs care: quotes, escapes, non-ASCII, NULLs, integers, long text,
+    and format directives that must reach the broker as plain text."""
+    base = rows(7)
     odd = [
         {"name": "quote ' and \"double\"", "source": None},
         {"name": "tab\tnew\nline \\ back", "value": 7},
@@ -31,6 +32,7 @@ def odd_rows() -> list[ClaimedRow]:
         {"name": "x" * 2000},
         {"value": -0.0, "timestamp": None},
         {},
+        {"name": "100% %(body)s %s %%", "source": "{id}"},
     ]
     return [ClaimedRow(**{**vars(row), **change}) for row, change in zip(base, odd, strict=True)]
 
@@ -45,15 +47,16 @@ def comparable(raw: bytes) -> dict:
 def test_redis_batch_messages_equal_send_task_messages(redis_url, queue_name):
     settings = make_settings(broker_url=redis_url, queue=queue_name)
     batch = rows(3) + [ClaimedRow(**{**vars(r), "id": r.id + 3}) for r in odd_rows()]
+    count = len(batch)
     reference = Publisher(settings)
     batched = create_publisher(settings)
     assert isinstance(batched, RedisBatchPublisher)
     client = redis.Redis.from_url(redis_url)
     try:
-        assert reference.publish(batch).accepted == list(range(1, 10))
+        assert reference.publish(batch).accepted == list(range(1, count + 1))
         by_send_task = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
         client.delete(queue_name)
-        assert batched.publish(batch).accepted == list(range(1, 10))
+        assert batched.publish(batch).accepted == list(range(1, count + 1))
         by_batch = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
     finally:
         reference.close()
@@ -61,7 +64,7 @@ def test_redis_batch_messages_equal_send_task_messages(redis_url, queue_name):
         client.close()
     assert by_batch == by_send_task
     # Queue order is publish order: the worker pops from the tail.
-    assert [m["headers"]["id"] for m in by_batch] == [f"signal-{i}" for i in range(9, 0, -1)]
+    assert [m["headers"]["id"] for m in by_batch] == [f"signal-{i}" for i in range(count, 0, -1)]
 
 
 def test_redis_batch_is_one_atomic_push_and_reports_an_outage_as_unsent(redis_url, queue_name):
@@ -70,7 +73,11 @@ def test_redis_batch_is_one_atomic_push_and_reports_an_outage_as_unsent(redis_ur
     try:
         result = publisher.publish(rows(500))
         assert len(result.accepted) == 500
-        assert len({m["id"] for m in redis_messages(redis_url, queue_name)}) == 500
+        assert publisher.publish(rows(500, start=501)).accepted == list(range(501, 1001))
+        assert len({m["id"] for m in redis_messages(redis_url, queue_name)}) == 1000
+        # The worker keeps unacknowledged messages under their delivery tag: each must be unique.
+        raw = redis.Redis.from_url(redis_url).lrange(queue_name, 0, -1)
+        assert len({json.loads(m)["properties"]["delivery_tag"] for m in raw}) == 1000
     finally:
         publisher.close()
     down = create_publisher(make_settings(broker_url="redis://127.0.0.1:1/0", queue=queue_name))

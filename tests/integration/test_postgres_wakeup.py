@@ -77,3 +77,23 @@ def test_init_db_applies_storage_settings_and_the_opt_in_notify_trigger_once(pg_
         options = conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = 'signals'::regclass"))
         assert "autovacuum_vacuum_scale_factor=0.02" in options.scalar_one()
     store.close()
+
+
+def test_claim_walks_the_index_even_with_no_statistics_on_a_large_backlog(pg_url):
+    # Autovacuum off, or a bulk load since the last ANALYZE: the planner knows nothing about
+    # the table. Unpinned, it sorted the whole backlog for every claim (54 ms instead of 0.3 ms).
+    store = open_store(make_settings(db_url=pg_url))
+    store.init_schema()
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO signals (name, value, source)"
+                          " SELECT 'n', g, 's' FROM generate_series(1, 200000) AS g"))
+        never_analyzed = text("SELECT reltuples < 0 FROM pg_class WHERE oid = 'signals'::regclass")
+        assert conn.execute(never_analyzed).scalar()
+
+    def nodes(plan: dict) -> list[str]:
+        return [plan["Node Type"], *(n for child in plan.get("Plans", []) for n in nodes(child))]
+
+    for shard in range(4):
+        plan = nodes(store.explain_claim(4, shard, 500))
+        assert "Index Scan" in plan and "Sort" not in plan, plan
+    store.close()
