@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 from amqp.exceptions import NotFound
 
@@ -21,9 +22,12 @@ class QueueDepth:
     def __init__(self, settings: Settings) -> None:
         self.queue = settings.queue
         self.is_amqp = broker_scheme(settings) in AMQP_SCHEMES
+        self.is_redis = broker_scheme(settings) in ("redis", "rediss")
         self.app = create_celery_app(settings)
         self._connection = None
         self._channel = None
+        self._redis_keys: list[str] = []
+        self._redis: Any = None
 
     def _get_channel(self):
         if self._channel is None:
@@ -42,15 +46,28 @@ class QueueDepth:
                 except NotFound:
                     self._drop_channel()
                     return 0
-            # Virtual transports (Redis, filesystem) count every priority sub-queue here; a
-            # passive declare would raise on an empty Redis queue.
+            if self.is_redis:
+                return self._redis_depth(channel)
+            # Other virtual transports (filesystem): the transport's own count.
             return int(channel._size(self.queue))
         except Exception as exc:  # noqa: BLE001 - an unreadable depth must not stop relaying
             log.debug("queue depth unavailable: %s", type(exc).__name__)
             self.close()
             return None
 
+    def _redis_depth(self, channel: Any) -> int:
+        # Every priority sub-queue counts (a passive declare would raise on an empty Redis
+        # queue). kombu's own _size makes a new redis-py client per call; this keeps one.
+        if self._redis is None:
+            self._redis_keys = [channel._q_for_pri(self.queue, p) for p in channel.priority_steps]
+            self._redis = channel._create_client()
+        pipe = self._redis.pipeline(transaction=False)
+        for key in self._redis_keys:
+            pipe.llen(key)
+        return sum(pipe.execute())
+
     def _drop_channel(self) -> None:
+        self._redis = None
         channel, self._channel = self._channel, None
         if channel is not None:
             with contextlib.suppress(Exception):

@@ -79,6 +79,7 @@ class RedisBatchPublisher(BatchPublisher):
         super().__init__(*args, **kwargs)
         self._template: MessageTemplate | None = None
         self._list_key = ""
+        self._client: Any = None
 
     def _build_template(self) -> MessageTemplate:
         """One message built by Celery and kombu, captured just before kombu would push it."""
@@ -118,15 +119,18 @@ class RedisBatchPublisher(BatchPublisher):
     def _reset(self) -> None:
         super()._reset()
         self._template = None
+        self._client = None
 
     def send_batch(self, payloads: list[Prepared]) -> tuple[set[int], str | None]:
         if self._template is None:
             self._template = self._build_template()
+            # kombu makes a new redis-py client (some 0.2 ms of set-up) for every command it
+            # sends; one client on the channel's connection pool serves every batch.
+            self._client = self._producer.channel._create_client()
         # kombu gives each message a uuid4 as its delivery tag; a fresh uuid4 per batch with the
         # message's position in its last 12 digits is as unique, at a tenth of the cost.
         batch_tag = str(uuid.uuid4())[:24]
         encoded = [self.encode(prepared, f"{batch_tag}{position:012x}")
                    for position, prepared in enumerate(payloads)]
-        with self._producer.channel.conn_or_acquire() as client:
-            client.lpush(self._list_key, *encoded)
+        self._client.lpush(self._list_key, *encoded)
         return {prepared.id for prepared in payloads}, None

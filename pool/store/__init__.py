@@ -10,7 +10,7 @@ from pool.config import Settings
 from pool.errors import ConfigError
 from pool.redact import redact_url
 from pool.store.base import Claim, ClaimedRow, Counts, Lease, SchemaChanges, SqlStore
-from pool.store.postgres import PostgresStore
+from pool.store.postgres import PostgresStore, configure_postgres_engine
 from pool.store.sqlite import SqliteStore, configure_sqlite_engine
 
 __all__ = [
@@ -28,8 +28,11 @@ def create_db_engine(db_url: str, pool_size: int = 2) -> Engine:
     backend = url.get_backend_name()
     if backend in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
-        return create_engine(url, pool_size=pool_size, max_overflow=2, pool_pre_ping=True,
-                             connect_args={"connect_timeout": 10})
+        # No pre-ping: it costs a round trip per statement; the store replaces a connection
+        # found dead instead (SqlStore._one_statement).
+        engine = create_engine(url, pool_size=pool_size, max_overflow=2, connect_args={"connect_timeout": 10})
+        configure_postgres_engine(engine)
+        return engine
     if backend == "sqlite":
         if url.database in (None, "", ":memory:"):
             raise ConfigError("PULSE_DB_URL must name an SQLite file; pollers are separate processes")

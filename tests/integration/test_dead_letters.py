@@ -133,12 +133,14 @@ def test_heartbeat_keeps_a_long_batch_leased_past_its_first_expiry(db_url):
     store.insert_signals(list(generate_signals(3, seed=6)))
     claim = store.claim("slow", 1, 0, 10, 1.0)
     first_expiry = lease_until(store, 1)
-    with LeaseHeartbeat(store, 1.0).holding(claim.lease):
+    heartbeat = LeaseHeartbeat(store, 1.0)
+    with heartbeat.holding(claim.lease):
         # Wait, on the database clock, past the claim's own expiry.
         wait_until(lambda: db_now(store) > first_expiry, timeout=10, interval=0.05,
                    message="the first expiry to pass")
         assert lease_until(store, 1) > first_expiry
         assert store.claim("thief", 1, 0, 10, 30).rows == []
+    heartbeat.close()
     assert store.ack(claim.lease, [1, 2, 3]) == 3
     store.close()
 

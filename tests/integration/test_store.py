@@ -122,3 +122,21 @@ def test_nack_records_the_error_and_delays_the_row(store):
     assert state["next_attempt_at"] is not None and state["lease_owner"] is None
     store.release(claim.lease, [2])
     assert [r.id for r in store.claim("b", 1, 0, 10, 30).rows] == [2]
+
+
+def test_a_kept_connection_killed_while_idle_is_replaced_without_an_error(pg_url):
+    # What a database restart does to an idle poller: its server session is gone.
+    store = open_store(make_settings(db_url=pg_url))
+    store.init_schema()
+    seed(store, 4)
+    first = store.claim("a", 1, 0, 2, 30)
+    with store.engine.connect() as conn:
+        killed = conn.execute(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND query LIKE '%lease_owner%'"
+        )).scalars().all()
+    assert killed == [True]
+    assert store.ack(first.lease, [r.id for r in first.rows]) == 2
+    assert [r.id for r in store.claim("a", 1, 0, 2, 30).rows] == [3, 4]
+    store.close()

@@ -765,11 +765,13 @@ class SignallingStore(FakeStore):
         return 1
 
 
-def heartbeat_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "lease-heartbeat"]
+def heartbeat_threads(besides: set[threading.Thread] | frozenset = frozenset()) -> set[threading.Thread]:
+    """Live heartbeat threads, other than `besides` (those of pollers other tests left open)."""
+    return {t for t in threading.enumerate() if t.name == "lease-heartbeat"} - besides
 
 
 def test_heartbeat_extends_the_same_lease_while_a_batch_is_held() -> None:
+    others = heartbeat_threads()
     store, lease = SignallingStore(), Lease(owner="me", token=99)
     heartbeat = LeaseHeartbeat(store, 0.03)
     store.heartbeat = heartbeat
@@ -780,15 +782,43 @@ def test_heartbeat_extends_the_same_lease_while_a_batch_is_held() -> None:
     # A successful extension moves the horizon that settling retries rely on.
     assert store.horizon_before is not None
     assert heartbeat.valid_until > store.horizon_before
-    assert heartbeat_threads() == []  # the heartbeat stops with the batch
+    heartbeat.close()
+    assert heartbeat_threads(others) == set()  # the heartbeat thread stops with close()
+
+
+def test_one_heartbeat_thread_serves_every_batch_and_rests_between_them() -> None:
+    others = heartbeat_threads()
+    store = SignallingStore()
+    heartbeat = LeaseHeartbeat(store, 0.03)
+    first, second = Lease(owner="me", token=1), Lease(owner="me", token=2)
+    try:
+        with heartbeat.holding(first):
+            assert store.extended.wait(10)
+        beats_after_first = len(store.extends)
+        store.extended.clear()
+        assert len(heartbeat_threads(others)) == 1
+        with heartbeat.holding(second):
+            assert store.extended.wait(10), "the second batch's lease was never extended"
+        assert len(heartbeat_threads(others)) == 1
+        settled = len(store.extends)
+        # Between batches nothing is extended: two beat intervals pass without a call.
+        time.sleep(0.03)  # an absence of beats can only be observed over time
+        assert len(store.extends) == settled
+        assert {lease for lease, _s in store.extends[:beats_after_first]} == {first}
+        assert {lease for lease, _s in store.extends[beats_after_first:]} == {second}
+    finally:
+        heartbeat.close()
+    assert heartbeat_threads(others) == set()
 
 
 def test_heartbeat_keeps_beating_after_a_database_error() -> None:
+    others = heartbeat_threads()
     store = SignallingStore(fail_first=1)
     heartbeat = LeaseHeartbeat(store, 0.03)
     with heartbeat.holding(Lease(owner="me", token=1)):
         assert store.extended.wait(10), "the heartbeat gave up after one failed extension"
-    assert heartbeat_threads() == []
+    heartbeat.close()
+    assert heartbeat_threads(others) == set()
 
 
 # --- StopSignal ----------------------------------------------------------------------
