@@ -29,6 +29,7 @@ START_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
     ("--workers", "workers", str),
     ("--batch-size", "batch_size", str),
     ("--poll-interval", "poll_interval", str),
+    ("--busy-poll-interval", "busy_poll_interval", str),
     ("--lease-seconds", "lease_seconds", str),
     ("--metrics-port", "metrics_port", str),
     ("--metrics-host", "metrics_host", str),

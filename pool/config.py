@@ -37,6 +37,7 @@ class Columns:
 class Settings:
     db_url: str = "sqlite:///pulse_signals.db"
     poll_interval: float = 1.0
+    busy_poll_interval: float = 0.05
     broker_url: str = "filesystem://"
     broker_folder: str = "pool_broker"
     task_name: str = "ingest_and_score_signal"
@@ -65,6 +66,7 @@ class Settings:
 ENVIRONMENT: dict[str, str] = {
     "db_url": "PULSE_DB_URL",
     "poll_interval": "PULSE_DB_POLL_INTERVAL",
+    "busy_poll_interval": "PULSE_DB_BUSY_POLL_INTERVAL",
     "broker_url": "PULSE_BROKER_URL",
     "broker_folder": "PULSE_BROKER_FOLDER",
     "task_name": "PULSE_TASK_NAME",
@@ -140,7 +142,7 @@ def _parse(key: str, raw: Any) -> Any:
         return _parse_url(env_name, raw, DB_SCHEMES)
     if key == "broker_url":
         return _parse_url(env_name, raw, BROKER_SCHEMES)
-    if key == "poll_interval":
+    if key in ("poll_interval", "busy_poll_interval"):
         return _parse_float(env_name, raw, 0.001, 3600.0)
     if key == "lease_seconds":
         return _parse_float(env_name, raw, 1.0, 86400.0)

@@ -182,6 +182,7 @@ class Poller:
         self.heartbeat = LeaseHeartbeat(store, settings.lease_seconds)
         self.wake = store.wake_listener()
         self.paused = False
+        self.rest = 0.0  # how long the poller rested after its last claim
         self._db_failing = False
         self._broker_failing = False
 
@@ -309,10 +310,24 @@ class Poller:
                 broker_backoff = min(broker_backoff * 2, BACKOFF_CAP)
                 continue
             broker_backoff = BACKOFF_START
-            if claimed < self.settings.batch_size:
-                # A full batch means more is waiting: poll again at once; otherwise rest until
-                # an insert's NOTIFY wakes us, or the poll interval (the safety net) is up.
-                self._idle(self.settings.poll_interval)
+            self.rest = self._rest_after(claimed)
+            if self.rest:
+                self._idle(self.rest)
+
+    def _rest_after(self, claimed: int) -> float:
+        """How long to rest after a claim of `claimed` rows.
+
+        A full batch means more is waiting: no rest. A partial one means rows are arriving:
+        poll again after the busy interval, which bounds latency under load. Each empty claim
+        doubles the rest, up to the poll interval, so idle pollers cost next to nothing. With
+        the NOTIFY trigger an insert ends any rest at once."""
+        s = self.settings
+        if claimed >= s.batch_size:
+            return 0.0
+        busy = min(s.busy_poll_interval, s.poll_interval)
+        if claimed:
+            return busy
+        return min(max(self.rest * 2, busy), s.poll_interval)
 
     def _idle(self, seconds: float) -> None:
         if self.wake is None:

@@ -43,6 +43,7 @@ def test_defaults_without_any_environment() -> None:
 
 def test_defaults_of_retry_backpressure_and_shutdown_settings() -> None:
     settings = load_settings(environ={})
+    assert (settings.poll_interval, settings.busy_poll_interval) == (1.0, 0.05)
     assert settings.retry_base_seconds == 1.0
     assert settings.retry_cap_seconds == 300.0
     assert settings.max_attempts == 5
@@ -198,6 +199,8 @@ def test_config_error_is_a_pool_error_with_exit_code_2() -> None:
         ("PULSE_METRICS_PORT", "65535", "metrics_port", 65535),
         ("PULSE_DB_POLL_INTERVAL", "0.001", "poll_interval", 0.001),
         ("PULSE_DB_POLL_INTERVAL", "3600", "poll_interval", 3600.0),
+        ("PULSE_DB_BUSY_POLL_INTERVAL", "0.001", "busy_poll_interval", 0.001),
+        ("PULSE_DB_BUSY_POLL_INTERVAL", "0.5", "busy_poll_interval", 0.5),
         ("PULSE_LEASE_SECONDS", "1", "lease_seconds", 1.0),
         ("PULSE_LEASE_SECONDS", "86400", "lease_seconds", 86400.0),
         ("PULSE_DB_URL", "sqlite:////var/lib/pulse.db", "db_url", "sqlite:////var/lib/pulse.db"),
@@ -285,6 +288,9 @@ INVALID = [
     ("PULSE_DB_POLL_INTERVAL", "0"),
     ("PULSE_DB_POLL_INTERVAL", "-1"),
     ("PULSE_DB_POLL_INTERVAL", "3601"),
+    ("PULSE_DB_BUSY_POLL_INTERVAL", "0"),
+    ("PULSE_DB_BUSY_POLL_INTERVAL", "nan"),
+    ("PULSE_DB_BUSY_POLL_INTERVAL", "soon"),
     ("PULSE_DB_POLL_INTERVAL", "1e-9"),
     ("PULSE_DB_POLL_INTERVAL", "fast"),
     ("PULSE_DB_POLL_INTERVAL", "1s"),

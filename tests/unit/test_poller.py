@@ -645,9 +645,26 @@ def test_full_batches_are_claimed_back_to_back_then_it_rests() -> None:
             stop.request()
 
     store.on_claim = on_claim
-    make_poller(store, stop=stop, batch_size=2, poll_interval=0.2).run()
-    # No wait after the two full batches; poll_interval after the short one and the empty one.
-    assert log == ["claim", "claim", "claim", ("wait", 0.2), "claim", ("wait", 0.2)]
+    make_poller(store, stop=stop, batch_size=2, poll_interval=0.2, busy_poll_interval=0.05).run()
+    # No wait after the two full batches; the busy interval after the short one, twice that
+    # after the empty one.
+    assert log == ["claim", "claim", "claim", ("wait", 0.05), "claim", ("wait", 0.1)]
+
+
+def test_empty_claims_double_the_rest_up_to_the_poll_interval_and_rows_reset_it() -> None:
+    stop = RecordingStop()
+    store = FakeStore([[], [], [], [], [], make_rows(1), [], make_rows(2, 3, 4, 5, 6), []])
+    store.on_claim = lambda n: stop.request() if n == 9 else None
+    make_poller(store, stop=stop, batch_size=5, poll_interval=1.0, busy_poll_interval=0.1).run()
+    assert stop.waits == [0.1, 0.2, 0.4, 0.8, 1.0, 0.1, 0.2, 0.1]
+
+
+def test_a_busy_interval_above_the_poll_interval_is_held_to_it() -> None:
+    stop = RecordingStop()
+    store = FakeStore([make_rows(1), []])
+    store.on_claim = lambda n: stop.request() if n == 2 else None
+    make_poller(store, stop=stop, batch_size=5, poll_interval=0.2, busy_poll_interval=5).run()
+    assert stop.waits == [0.2, 0.2]
 
 
 def test_database_error_from_claim_is_survived(caplog: pytest.LogCaptureFixture) -> None:
@@ -681,8 +698,8 @@ def test_database_backoff_resets_after_success() -> None:
     stop = RecordingStop()
     store = FakeStore([db_error(), db_error(), make_rows(1), db_error(), []])
     store.on_claim = lambda n: stop.request() if n == 5 else None
-    make_poller(store, stop=stop, batch_size=5, poll_interval=0.2).run()
-    assert stop.waits == [BACKOFF_START, BACKOFF_START * 2, 0.2, BACKOFF_START, 0.2]
+    make_poller(store, stop=stop, batch_size=5, poll_interval=0.2, busy_poll_interval=0.05).run()
+    assert stop.waits == [BACKOFF_START, BACKOFF_START * 2, 0.05, BACKOFF_START, 0.1]
 
 
 def test_stop_during_database_backoff_ends_the_loop() -> None:
@@ -733,10 +750,11 @@ def test_run_claims_nothing_while_paused_by_backpressure(check_every_call: None)
         backpressure_high=10,
         backpressure_low=5,
         poll_interval=0.2,
+        busy_poll_interval=0.05,
     )
     poller.run()
     # paused at 20, still paused at 8 (not below low), claims again at 1
-    assert log == [("wait", 0), ("wait", 0), "claim", ("wait", 0.2)]
+    assert log == [("wait", 0), ("wait", 0), "claim", ("wait", 0.05)]
     assert hooks.backpressure_changes == [True, False]
     assert store.acked_ids() == [[1]]
 
