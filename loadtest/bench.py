@@ -113,6 +113,8 @@ class Result:
     poll_note: str = ""
     rss_note: str = ""
     ru_maxrss_mib: float | None = None
+    server_cpu_seconds: float | None = None
+    window_cpu_seconds: float | None = None  # pool: its processes' CPU from ready to drained
 
     @property
     def rate(self) -> float | None:
@@ -123,6 +125,12 @@ class Result:
         if self.cpu_seconds is None or not self.rows:
             return None
         return self.cpu_seconds / (self.rows / 10_000)
+
+    @property
+    def server_cpu_per_10k(self) -> float | None:
+        if self.server_cpu_seconds is None or not self.rows:
+            return None
+        return self.server_cpu_seconds / (self.rows / 10_000)
 
     def fail(self, reason: str) -> None:
         self.ok = False
@@ -138,6 +146,34 @@ class Result:
 
 def cpu_seconds(usage: resource.struct_rusage) -> float:
     return usage.ru_utime + usage.ru_stime
+
+
+SERVER_COMMANDS = ("postgres", "redis-server")
+
+
+def server_cpu() -> float | None:
+    """CPU seconds used so far by the local PostgreSQL and Redis servers, from /proc.
+
+    Every process of theirs counts with its own time plus that of its reaped children, so a
+    backend that exits between two readings still counts: the postmaster has reaped it."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # gone between listing and reading
+        command = stat[stat.index("(") + 1:stat.rindex(")")]
+        if command not in SERVER_COMMANDS:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / ticks
 
 
 # --- database helpers --------------------------------------------------------------------------
@@ -425,6 +461,7 @@ def measure_pool(args: argparse.Namespace, workers: int) -> Result:
                 if time.monotonic() - launched > 120:
                     raise RuntimeError("pool start was not ready within 120 s")
             ready_at = time.monotonic()
+            server_before = server_cpu()
             result.startup_cpu_seconds = tree_cpu_seconds(proc.pid)
             timeout = 120 + rows / 200
             next_poll = ready_at
@@ -456,6 +493,12 @@ def measure_pool(args: argparse.Namespace, workers: int) -> Result:
                 next_poll += POLL_EVERY
                 time.sleep(max(0.0, next_poll - time.monotonic()))
             result.seconds = time.monotonic() - ready_at
+            server_after = server_cpu()
+            if server_before is not None and server_after is not None:
+                result.server_cpu_seconds = server_after - server_before
+            drained_cpu = tree_cpu_seconds(proc.pid)
+            if drained_cpu is not None and result.startup_cpu_seconds is not None:
+                result.window_cpu_seconds = drained_cpu - result.startup_cpu_seconds
             sample_tree_rss(proc.pid, peaks)
             os.kill(proc.pid, signal.SIGTERM)
             usage = reap(proc, timeout=60)
@@ -537,6 +580,7 @@ class WorkerRun:
     peak_rss_mib: float
     retries: int
     ru_maxrss_mib: float
+    server_cpu_seconds: float | None
 
 
 def run_workers(setup: Callable[..., Job], per_worker: list[tuple], timeout: float) -> WorkerRun:
@@ -568,10 +612,12 @@ def run_workers(setup: Callable[..., Job], per_worker: list[tuple], timeout: flo
         deadline = time.monotonic() + 120
         for _ in procs:
             next_report(deadline)
+        server_before = server_cpu()
         started = time.monotonic()
         go.set()
         deadline = started + timeout
         done = [next_report(deadline) for _ in procs]
+        server_after = server_cpu()
     except BaseException:
         for proc in procs:
             proc.kill()
@@ -590,6 +636,8 @@ def run_workers(setup: Callable[..., Job], per_worker: list[tuple], timeout: flo
         peak_rss_mib=max(report[3] for report in done) / 1024,
         retries=sum(report[4] for report in done),
         ru_maxrss_mib=max(report[5] for report in done) / 1024,
+        server_cpu_seconds=None if server_before is None or server_after is None
+        else server_after - server_before,
     )
 
 
@@ -598,6 +646,7 @@ def fill(result: Result, run: WorkerRun, expected_rows: int) -> None:
     result.cpu_seconds = run.cpu_seconds
     result.peak_rss_mib = run.peak_rss_mib
     result.ru_maxrss_mib = run.ru_maxrss_mib
+    result.server_cpu_seconds = run.server_cpu_seconds
     if run.rows != expected_rows:
         result.fail(f"workers did {run.rows:,} rows, expected {expected_rows:,}")
     if run.retries:
@@ -791,21 +840,26 @@ def guarded(what: str, workers: int, rows: int, measure: Callable[[], Any]) -> l
 
 
 # --- output ------------------------------------------------------------------------------------
-COLUMNS = ("what", "workers", "rows", "seconds", "rows/s", "CPU s per 10k rows", "peak RSS MiB*", "check")
+COLUMNS = ("what", "workers", "rows", "seconds", "rows/s", "CPU s per 10k rows", "server CPU s per 10k",
+           "peak RSS MiB*", "check")
 
 
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def per_row_us(seconds: float, result: Result) -> str:
+    return f"{seconds / result.rows * 1e6:.1f}"
+
+
 def table_lines(results: list[Result]) -> list[str]:
     rows = [(r.what, str(r.workers), f"{r.rows:,}", fmt(r.seconds, ".2f"), fmt(r.rate, ",.0f"),
-             fmt(r.cpu_per_10k, ".2f"), fmt(r.peak_rss_mib, ".0f"),
+             fmt(r.cpu_per_10k, ".2f"), fmt(r.server_cpu_per_10k, ".2f"), fmt(r.peak_rss_mib, ".0f"),
              "ok" if r.ok else "FAIL") for r in results]
     widths = [max(len(COLUMNS[i]), *(len(row[i]) for row in rows)) for i in range(len(COLUMNS))]
 
     def line(cells: tuple[str, ...]) -> str:
-        padded = (c.ljust(w) if i in (0, 7) else c.rjust(w)
+        padded = (c.ljust(w) if i in (0, len(COLUMNS) - 1) else c.rjust(w)
                   for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
         return "  ".join(padded).rstrip()
 
@@ -836,11 +890,13 @@ def write_csv(path: Path, results: list[Result]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["what", "workers", "rows", "seconds", "rows_per_s", "cpu_s_per_10k_rows",
-                         "peak_rss_mib", "ru_maxrss_mib", "startup_cpu_s", "ok", "note"])
+                         "server_cpu_s_per_10k_rows", "peak_rss_mib", "ru_maxrss_mib", "startup_cpu_s", "ok",
+                         "note"])
         for r in results:
             writer.writerow([
                 r.what, r.workers, r.rows, fmt(r.seconds, ".3f"), fmt(r.rate, ".1f"),
-                fmt(r.cpu_per_10k, ".3f"), fmt(r.peak_rss_mib, ".1f"), fmt(r.ru_maxrss_mib, ".1f"),
+                fmt(r.cpu_per_10k, ".3f"), fmt(r.server_cpu_per_10k, ".3f"), fmt(r.peak_rss_mib, ".1f"),
+                fmt(r.ru_maxrss_mib, ".1f"),
                 fmt(r.startup_cpu_seconds, ".2f"),
                 "ok" if r.ok else "FAIL", r.note,
             ])
@@ -984,8 +1040,9 @@ def main(argv: list[str] | None = None) -> int:
     print("* peak RSS: of the largest single process, not the sum over processes: for pool the largest")
     print("  poller, for the others the largest worker (VmHWM; ru_maxrss would report this script's own")
     print("  peak, which children keep across fork + exec, see bench.csv ru_maxrss_mib).")
-    print("  CPU: user+sys of the client processes (RUSAGE_CHILDREN delta), start-up included; the")
-    print("  PostgreSQL and Redis servers' CPU is not counted.")
+    print("  CPU: user+sys of the client processes (RUSAGE_CHILDREN delta), start-up included.")
+    print("  server CPU: the local PostgreSQL and Redis processes over the timed window (from /proc,")
+    print("  reaped backends included; for pool it includes this script's completion polls).")
     print("  pool seconds: from the 'ready:' line until count(*) WHERE processed = 0 is 0, polled every")
     print("  50 ms " + ("from the start (--strict-poll);" if args.strict_poll else
                         "once LLEN reaches the row count, every 1 s before (see --strict-poll);"))
@@ -994,6 +1051,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = []
         if r.what == POOL and r.startup_cpu_seconds is not None:
             extra.append(f"start-up CPU (launch to ready, all processes) {r.startup_cpu_seconds:.2f} s")
+            if r.window_cpu_seconds is not None and r.server_cpu_seconds is not None:
+                extra.append(f"CPU per row, ready to drained: pool {per_row_us(r.window_cpu_seconds, r)} µs,"
+                             f" servers {per_row_us(r.server_cpu_seconds, r)} µs")
         if r.rss_note:
             extra.append(r.rss_note)
         if r.poll_note:
