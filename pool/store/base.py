@@ -130,35 +130,6 @@ class SqlStore:
         """Where single statements run: each is its own transaction."""
         return self.engine
 
-    def _one_statement(self, work: Callable[[Connection], T]) -> T:
-        """Run one statement as its own transaction, on a connection the store keeps.
-
-        Checking a connection out of the pool for every statement cost some 175 us of CPU,
-        more than the claim itself. A kept connection that died while idle (the database
-        restarted) is replaced and the statement run again, once, instead of pinging before
-        every statement; each statement here is safe to repeat. The poller thread and its
-        heartbeat thread share the connection, one statement at a time."""
-        with self._kept_lock:
-            for attempt in (1, 2):
-                if self._kept is None:
-                    self._kept = self._statement_engine().connect()
-                conn = self._kept
-                try:
-                    with conn.begin():
-                        return work(conn)
-                except DBAPIError as exc:
-                    if conn.invalidated:
-                        self._drop_kept()
-                    if attempt == 2 or not exc.connection_invalidated:
-                        raise
-        raise AssertionError("unreachable")
-
-    def _drop_kept(self) -> None:
-        conn, self._kept = self._kept, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # a dead connection may fail to close, too
-                conn.close()
-
     def _now(self) -> str:
         raise NotImplementedError
 
@@ -195,6 +166,35 @@ class SqlStore:
         raise NotImplementedError
 
     # --- shared --------------------------------------------------------------------
+    def _one_statement(self, work: Callable[[Connection], T]) -> T:
+        """Run one statement as its own transaction, on a connection the store keeps.
+
+        Checking a connection out of the pool for every statement cost some 175 us of CPU,
+        more than the claim itself. A kept connection that died while idle (the database
+        restarted) is replaced and the statement run again, once, instead of pinging before
+        every statement; each statement here is safe to repeat. The poller thread and its
+        heartbeat thread share the connection, one statement at a time."""
+        with self._kept_lock:
+            for attempt in (1, 2):
+                if self._kept is None:
+                    self._kept = self._statement_engine().connect()
+                conn = self._kept
+                try:
+                    with conn.begin():
+                        return work(conn)
+                except DBAPIError as exc:
+                    if conn.invalidated:
+                        self._drop_kept()
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _drop_kept(self) -> None:
+        conn, self._kept = self._kept, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a dead connection may fail to close, too
+                conn.close()
+
     relay_column_types: Mapping[str, str] = {}
 
     def init_schema(self, notify: bool = False) -> SchemaChanges:
