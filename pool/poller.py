@@ -60,12 +60,20 @@ class BatchOutcome:
     retried: int = 0
     dead: int = 0
     unsent: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # claim + publish + settle
+    publish_seconds: float = 0.0
+    settle_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
 
 class PollerHooks(Protocol):
     """What the poller reports; metrics plug in here so the loop never imports them."""
+
+    def loop(self, settings: Settings) -> None:
+        """Once per loop: the poller is alive, and these are the settings it uses now."""
+        ...
+
+    def claimed(self, rows: int, reclaimed: int, seconds: float) -> None: ...
 
     def batch_done(self, outcome: BatchOutcome) -> None: ...
 
@@ -75,6 +83,12 @@ class PollerHooks(Protocol):
 
 
 class NoHooks:
+    def loop(self, settings: Settings) -> None:
+        pass
+
+    def claimed(self, rows: int, reclaimed: int, seconds: float) -> None:
+        pass
+
     def batch_done(self, outcome: BatchOutcome) -> None:
         pass
 
@@ -191,20 +205,27 @@ class Poller:
         """Claim, publish and settle one batch. Returns how many rows were claimed."""
         started = time.perf_counter()
         s = self.settings
+        self.hooks.loop(s)
         claim = self.store.claim(self.identity.owner, self.identity.shard_count, self.identity.index,
                                  s.batch_size, s.lease_seconds)
+        claimed_at = time.perf_counter()
+        self.hooks.claimed(len(claim.rows), claim.reclaimed, claimed_at - started)
         if not claim.rows:
             return 0
         with self.heartbeat.holding(claim.lease):
             # Once the shutdown grace is spent, rows not yet published are released instead.
             result = self.publisher.publish(claim.rows, keep_going=lambda: not self.stop.out_of_time())
+            published_at = time.perf_counter()
             outcome = self._settle(claim, result.accepted, result.rejected, result.unsent)
-        outcome.seconds = time.perf_counter() - started
+        finished = time.perf_counter()
+        outcome.seconds = finished - started
+        outcome.publish_seconds = published_at - claimed_at
+        outcome.settle_seconds = finished - published_at
         self._note_broker(result.broker_error)
         self.hooks.batch_done(outcome)
-        log.debug("batch claimed=%d published=%d acked=%d retried=%d dead=%d unsent=%d in %.3f s",
-                  outcome.claimed, outcome.published, outcome.acked, outcome.retried, outcome.dead,
-                  outcome.unsent, outcome.seconds)
+        log.debug("batch claimed=%d reclaimed=%d published=%d acked=%d retried=%d dead=%d unsent=%d"
+                  " in %.3f s", outcome.claimed, claim.reclaimed, outcome.published, outcome.acked,
+                  outcome.retried, outcome.dead, outcome.unsent, outcome.seconds)
         return len(claim.rows)
 
     def _settle(self, claim: Claim, accepted: list[int], rejected: dict[int, str],

@@ -29,20 +29,26 @@ def _stop_on_signals(stop: StopSignal) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
+def worker_slot(index: int) -> str:
+    """The name a poller's metric files carry: the same across restarts of that poller."""
+    return f"poller-{index}"
+
+
 def poller_main(settings: Settings, index: int, shard_count: int, events: Connection) -> None:
     """Claim -> publish -> ack until SIGTERM/SIGINT; then finish or release the in-flight batch."""
     # Keep a margin inside the supervisor's timeout for releasing what could not be published.
     stop = StopSignal(grace=max(0.5, settings.shutdown_timeout * 0.8))
     _stop_on_signals(stop)
-    setup_logging(settings.log_level, f"poller-{index}")
+    setup_logging(settings.log_level, worker_slot(index))
     # prometheus_client is first imported here, in the child, after the supervisor set
     # PROMETHEUS_MULTIPROC_DIR; connections are made here too, never inherited.
-    from pool.metrics import PrometheusHooks
+    from pool.metrics import PrometheusHooks, use_worker_files
     from pool.poller import Poller, PollerIdentity
     from pool.publisher import create_publisher
     from pool.queue_depth import QueueDepth
     from pool.store import open_store
 
+    use_worker_files(worker_slot(index))
     store = open_store(settings)
     publisher = create_publisher(settings)
     depth = QueueDepth(settings)
@@ -50,7 +56,7 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
         owner=f"{socket.gethostname()}:{os.getpid()}:{index}", index=index, shard_count=shard_count
     )
     poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth)
-    events.send(("ready", f"poller-{index}", os.getpid(), None))
+    events.send(("ready", worker_slot(index), os.getpid(), None))
     try:
         poller.run()
     finally:
@@ -62,14 +68,22 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
 
 
 def coordinator_main(settings: Settings, events: Connection) -> None:
-    """Serve /metrics aggregated over every poller process until told to stop."""
+    """Serve /metrics aggregated over every poller, health, status and the status page."""
     stop = StopSignal()
     _stop_on_signals(stop)
     setup_logging(settings.log_level, "coordinator")
-    from pool.coordinator import serve_metrics
+    from pool.coordinator import CoordinatorApp, ask_parent_to_reload, poller_collector, serve
+    from pool.queue_depth import QueueDepth
+    from pool.status import StatusMonitor
+    from pool.store import open_store
 
+    store = open_store(settings, pool_size=1)
+    depth = QueueDepth(settings)
+    collector = poller_collector()
+    monitor = StatusMonitor(settings, store, depth, collector.collect)
     try:
-        server = serve_metrics(settings.metrics_host, settings.metrics_port)
+        server = serve(settings.metrics_host, settings.metrics_port,
+                       CoordinatorApp(monitor, collector, ask_parent_to_reload))
     except OSError as exc:
         events.send((
             "fatal", "coordinator", os.getpid(),
@@ -77,6 +91,10 @@ def coordinator_main(settings: Settings, events: Connection) -> None:
             " set PULSE_METRICS_PORT or --metrics-port",
         ))
         return
+    monitor.start()
     events.send(("ready", "coordinator", os.getpid(), server.server_port))
     stop.wait()
     server.shutdown()
+    monitor.stop()
+    depth.close()
+    store.close()

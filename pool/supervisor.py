@@ -21,7 +21,7 @@ from typing import Any
 
 from pool.config import Settings
 from pool.coordinator import reset_metrics_dir
-from pool.process_main import coordinator_main, poller_main
+from pool.process_main import coordinator_main, poller_main, worker_slot
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,11 @@ class Supervisor:
         assert process is not None
         process.join()
         code = process.exitcode
-        # The dead pid's live-gauge files go; its counters stay so that totals never drop.
+        # Its live-gauge files go; its counters stay (and its successor, which writes the same
+        # files, counts on from them) so that totals never drop.
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(process.pid)
+        multiprocess.mark_process_dead(child.name)
         if self.stopping:
             return
         lived = time.monotonic() - child.started_at
@@ -209,7 +210,7 @@ class Supervisor:
         self.children.append(Child("coordinator", coordinator_main, (settings,)))
         for index in range(settings.workers):
             self.children.append(
-                Child(f"poller-{index}", poller_main, (settings, index, settings.workers))
+                Child(worker_slot(index), poller_main, (settings, index, settings.workers))
             )
         try:
             for child in self.children:

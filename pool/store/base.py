@@ -43,6 +43,7 @@ class Lease:
 class Claim:
     lease: Lease
     rows: list[ClaimedRow]
+    reclaimed: int = 0  # rows of this claim whose earlier lease had expired (taken over)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,16 @@ class DeadRow:
     attempts: int
     last_error: str | None
     age_seconds: float
+
+
+@dataclass(frozen=True)
+class BacklogStats:
+    """What the coordinator reports about the table, read on an interval."""
+
+    backlog: int  # unprocessed and not dead
+    oldest_age_seconds: float | None  # of the lowest-id unprocessed row; None when there is none
+    dead: int
+    by_shard: dict[int, int]  # shard (id % shard_count) -> backlog
 
 
 @dataclass(frozen=True)
@@ -214,16 +225,20 @@ class SqlStore:
             for name in added:
                 column_type = self.relay_column_types[name]
                 conn.execute(text(f"ALTER TABLE {self.t} ADD COLUMN {self.q(name)} {column_type}"))
-            pending = index_name(settings.table, "pool_pending")
+            # Partial indexes: the claim walks only live unprocessed rows in id order, so it
+            # stays index-driven however many processed or dead rows pile up; the status
+            # counts of pending and dead rows read only these small indexes.
+            wanted = {
+                index_name(settings.table, "pool_pending"): f"{self.c_processed} = 0 AND dead_at IS NULL",
+                index_name(settings.table, "pool_dead"): "dead_at IS NOT NULL",
+            }
             indexes: tuple[str, ...] = ()
-            if not self._index_exists(conn, pending):
-                # Partial index: the claim walks only live unprocessed rows in id order, so
-                # it stays index-driven however many processed or dead rows pile up.
-                conn.execute(text(
-                    f"CREATE INDEX {self.q(pending)} ON {self.t} ({self.c_id})"
-                    f" WHERE {self.c_processed} = 0 AND dead_at IS NULL"
-                ))
-                indexes = (pending,)
+            for name, predicate in wanted.items():
+                if not self._index_exists(conn, name):
+                    conn.execute(text(
+                        f"CREATE INDEX {self.q(name)} ON {self.t} ({self.c_id}) WHERE {predicate}"
+                    ))
+                    indexes = (*indexes, name)
             extras = self._ensure_extras(conn, notify)
         return SchemaChanges(
             created_table=created, added_columns=() if created else added,
@@ -332,6 +347,33 @@ class SqlStore:
         )
         with self.engine.begin() as conn:
             return conn.execute(text(sql), {"age": older_than_seconds}).rowcount
+
+    def backlog_stats(self, shard_count: int) -> BacklogStats:
+        """Backlog per shard, the age of the oldest pending row, and dead rows: each query is
+        answered from a partial index, so this stays cheap as processed rows pile up."""
+        pending = f"{self.c_processed} = 0 AND dead_at IS NULL"
+        by_shard_sql = self._statement(
+            f"SELECT {self.c_id} % :n, COUNT(*) FROM {self.t} WHERE {pending} GROUP BY {self.c_id} % :n"
+        )
+        # Lowest id first: rows are inserted in id order, so this is the oldest waiting row.
+        oldest_sql = self._statement(
+            f"SELECT {self._age_seconds(self.q(self.settings.columns.timestamp))} FROM {self.t}"
+            f" WHERE {pending} ORDER BY {self.c_id} LIMIT 1"
+        )
+        dead_sql = self._statement(f"SELECT COUNT(*) FROM {self.t} WHERE dead_at IS NOT NULL")
+
+        def read(conn: Connection) -> BacklogStats:
+            by_shard = {int(shard): int(count)
+                        for shard, count in conn.execute(by_shard_sql, {"n": shard_count}).all()}
+            oldest = conn.execute(oldest_sql).scalar()
+            return BacklogStats(
+                backlog=sum(by_shard.values()),
+                oldest_age_seconds=None if oldest is None else max(0.0, float(oldest)),
+                dead=int(conn.execute(dead_sql).scalar_one()),
+                by_shard={shard: by_shard.get(shard, 0) for shard in range(shard_count)},
+            )
+
+        return self._one_statement(read)
 
     def counts(self) -> Counts:
         p = self.c_processed

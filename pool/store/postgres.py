@@ -156,7 +156,7 @@ class PostgresStore(SqlStore):
 
     def _pick_sql(self) -> str:
         return f"""
-                SELECT {self.c_id} FROM {self.t}
+                SELECT {self.c_id}, lease_owner IS NOT NULL AS reclaimed FROM {self.t}
                 WHERE {self.c_processed} = 0 AND dead_at IS NULL
                   AND {self.c_id} % :shard_count = :shard
                   -- re-pick rule: a row is free when unleased or when its lease ran out
@@ -189,7 +189,7 @@ class PostgresStore(SqlStore):
               FROM picked
              WHERE s.{self.c_id} = picked.{self.c_id}
             RETURNING s.{q(c.id)}, s.{q(c.name)}, s.{q(c.value)}, s.{q(c.source)},
-                      s.{q(c.timestamp)}, s.attempts
+                      s.{q(c.timestamp)}, s.attempts, picked.reclaimed
         """
         params = {
             "shard_count": shard_count, "shard": shard, "limit": limit,
@@ -197,8 +197,8 @@ class PostgresStore(SqlStore):
         }
         statement = self._statement(sql)
         rows = self._one_statement(lambda conn: conn.execute(statement, params).all())
-        claimed = sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
-        return Claim(lease=lease, rows=claimed)
+        claimed = sorted((ClaimedRow(*r[:6]) for r in rows), key=lambda r: r.id)
+        return Claim(lease=lease, rows=claimed, reclaimed=sum(1 for r in rows if r[6]))
 
     def insert_signals(self, rows: Sequence[Mapping[str, Any]]) -> int:
         c = self.settings.columns

@@ -103,19 +103,22 @@ class SqliteStore(SqlStore):
         lease = new_lease(owner)
         c = self.settings.columns
         q = self.q
-        sql = f"""
+        pick = f"""
+            SELECT {self.c_id}, lease_owner IS NOT NULL FROM {self.t}
+             WHERE {self.c_processed} = 0 AND dead_at IS NULL
+               AND {self.c_id} % :shard_count = :shard
+               -- re-pick rule: free when unleased or when its lease ran out
+               AND (lease_until IS NULL OR lease_until < {NOW})
+               AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})
+             ORDER BY {self.c_id}
+             LIMIT :limit"""
+        # RETURNING shows the new row only, so whether a row is taken over from an expired
+        # lease is read first, in the same immediate transaction: nothing changes in between.
+        update = f"""
             UPDATE {self.t}
                SET lease_owner = :owner, lease_token = :token,
                    lease_until = {self._plus_seconds('lease')}
-             WHERE {self.c_id} IN (
-                SELECT {self.c_id} FROM {self.t}
-                 WHERE {self.c_processed} = 0 AND dead_at IS NULL
-                   AND {self.c_id} % :shard_count = :shard
-                   -- re-pick rule: free when unleased or when its lease ran out
-                   AND (lease_until IS NULL OR lease_until < {NOW})
-                   AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})
-                 ORDER BY {self.c_id}
-                 LIMIT :limit)
+             WHERE {self._ids_clause()}
             RETURNING {q(c.id)}, {q(c.name)}, {q(c.value)}, {q(c.source)}, {q(c.timestamp)}, attempts
         """
         params = {
@@ -123,9 +126,14 @@ class SqliteStore(SqlStore):
             "owner": lease.owner, "token": lease.token, "lease": lease_seconds,
         }
         with self.engine.begin() as conn:
-            rows = conn.execute(text(sql), params).all()
+            picked = conn.execute(self._statement(pick), params).all()
+            reclaimed = sum(1 for r in picked if r[1])
+            ids = [r[0] for r in picked]
+            rows = []
+            if ids:
+                rows = conn.execute(self._statement(update, with_ids=True), {**params, "ids": ids}).all()
         claimed = sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
-        return Claim(lease=lease, rows=claimed)
+        return Claim(lease=lease, rows=claimed, reclaimed=reclaimed)
 
     def insert_signals(self, rows: Sequence[Mapping[str, Any]]) -> int:
         c = self.settings.columns

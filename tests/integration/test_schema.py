@@ -39,7 +39,7 @@ def test_init_db_creates_the_table_and_a_second_run_changes_nothing(db_url):
     try:
         first = store.init_schema()
         assert first.created_table
-        assert first.created_indexes == ("signals_pool_pending",)
+        assert first.created_indexes == ("signals_pool_pending", "signals_pool_dead")
         snapshot = schema_snapshot(store)
         second = store.init_schema()
         assert not second.changed

@@ -102,6 +102,7 @@ def test_expired_lease_is_reclaimed_and_the_old_holder_can_no_longer_ack(store):
     new = wait_until(lambda: (c := store.claim("other", 1, 0, 10, 30)).rows and c, timeout=10,
                      interval=0.1, message="the expired lease to be claimable")
     assert [r.id for r in new.rows] == [1, 2, 3]
+    assert (old.reclaimed, new.reclaimed) == (0, 3)  # taken over from the expired lease
     assert store.ack(old.lease, [1, 2, 3]) == 0
     assert store.ack(new.lease, [1, 2, 3]) == 3
 
@@ -110,7 +111,9 @@ def test_release_makes_rows_claimable_at_once(store):
     seed(store, 4)
     claim = store.claim("a", 1, 0, 4, 300)
     assert store.release(claim.lease, [3, 4]) == 2
-    assert [r.id for r in store.claim("b", 1, 0, 10, 30).rows] == [3, 4]
+    again = store.claim("b", 1, 0, 10, 30)
+    assert [r.id for r in again.rows] == [3, 4]
+    assert again.reclaimed == 0  # released rows are free, not taken over
 
 
 def test_nack_records_the_error_and_delays_the_row(store):
@@ -125,18 +128,35 @@ def test_nack_records_the_error_and_delays_the_row(store):
 
 
 def test_a_kept_connection_killed_while_idle_is_replaced_without_an_error(pg_url):
-    # What a database restart does to an idle poller: its server session is gone.
-    store = open_store(make_settings(db_url=pg_url))
+    # What a database restart does to an idle poller: its server session is gone. The name
+    # singles out this store's session among any others on the server.
+    store = open_store(make_settings(db_url=f"{pg_url}&application_name=pool-kept-test"))
     store.init_schema()
     seed(store, 4)
     first = store.claim("a", 1, 0, 2, 30)
     with store.engine.connect() as conn:
         killed = conn.execute(text(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            " AND query LIKE '%lease_owner%'"
+            " WHERE application_name = 'pool-kept-test' AND pid <> pg_backend_pid()"
         )).scalars().all()
     assert killed == [True]
     assert store.ack(first.lease, [r.id for r in first.rows]) == 2
     assert [r.id for r in store.claim("a", 1, 0, 2, 30).rows] == [3, 4]
     store.close()
+
+
+def test_backlog_stats_count_per_shard_the_oldest_age_and_dead_rows(store):
+    seed(store, 10)
+    assert store.backlog_stats(3).by_shard == {0: 3, 1: 4, 2: 3}
+    claim = store.claim("a", 1, 0, 4, 30)
+    store.ack(claim.lease, [1, 2])
+    store.nack(claim.lease, [Failure(id=3, error="bad", retry_in=0, dead=True)])
+    stats = store.backlog_stats(3)
+    # Row 4 is leased but not processed: still backlog. Rows 1-2 are done, row 3 is dead.
+    assert (stats.backlog, stats.dead) == (7, 1)
+    assert stats.by_shard == {0: 2, 1: 3, 2: 2}
+    assert stats.oldest_age_seconds is not None and stats.oldest_age_seconds >= 0
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE signals SET processed = 1 WHERE dead_at IS NULL"))
+    assert store.backlog_stats(3) == type(stats)(backlog=0, oldest_age_seconds=None, dead=1,
+                                                  by_shard={0: 0, 1: 0, 2: 0})

@@ -189,6 +189,15 @@ class RecordingHooks:
         self.outcomes: list[BatchOutcome] = []
         self.database_errors = 0
         self.backpressure_changes: list[bool] = []
+        self.loops: list[Settings] = []
+        self.claims: list[tuple[int, int]] = []  # (rows, reclaimed)
+
+    def loop(self, settings: Settings) -> None:
+        self.loops.append(settings)
+
+    def claimed(self, rows: int, reclaimed: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.claims.append((rows, reclaimed))
 
     def batch_done(self, outcome: BatchOutcome) -> None:
         self.outcomes.append(outcome)
@@ -389,7 +398,16 @@ def test_mixed_batch_settles_every_row_exactly_once_and_reports_the_outcome() ->
     (outcome,) = hooks.outcomes
     assert (outcome.claimed, outcome.published, outcome.acked) == (6, 2, 2)
     assert (outcome.retried, outcome.dead, outcome.unsent) == (2, 1, 1)
-    assert outcome.seconds >= 0
+    assert outcome.seconds >= outcome.publish_seconds + outcome.settle_seconds >= 0
+
+
+def test_every_loop_reports_liveness_settings_and_the_claim() -> None:
+    stop, hooks = RecordingStop(), RecordingHooks()
+    store = FakeStore([make_rows(1, 2), []])
+    store.on_claim = lambda n: stop.request() if n == 2 else None
+    make_poller(store, stop=stop, hooks=hooks, batch_size=5).run()
+    assert [s.batch_size for s in hooks.loops] == [5, 5]
+    assert hooks.claims == [(2, 0), (0, 0)]  # empty claims are reported too (claim latency)
 
 
 def test_each_batch_is_settled_under_its_own_lease() -> None:

@@ -1,0 +1,253 @@
+"""What the coordinator knows about the pool, refreshed on an interval.
+
+One thread reads the database (backlog, lag, dead rows, per-shard backlog), the broker (queue
+depth) and the pollers' own metric files (heartbeat, settings, totals) every `interval`
+seconds, so that neither a scrape nor a status page costs the database anything, and no
+poller counts the backlog per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from pool.config import Settings
+from pool.store.base import BacklogStats, DeadRow, first_line
+
+log = logging.getLogger(__name__)
+
+HISTORY_SECONDS = 15 * 60
+DEAD_LETTERS_SHOWN = 20
+# Totals shown by `pool status` and the status page: counter name -> short name.
+TOTALS = {
+    "pool_signals_claimed_total": "claimed",
+    "pool_signals_published_total": "published",
+    "pool_signals_acked_total": "acked",
+    "pool_signals_retried_total": "retried",
+    "pool_signals_dead_total": "dead",
+    "pool_signals_reclaimed_total": "reclaimed",
+    "pool_publish_errors_total": "publish_errors",
+    "pool_database_errors_total": "database_errors",
+    "pool_backpressure_pauses_total": "backpressure_pauses",
+}
+POLLER_GAUGES = {
+    "pool_poller_heartbeat_timestamp_seconds": "heartbeat",
+    "pool_poller_start_time_seconds": "started_at",
+    "pool_poller_pid": "pid",
+    "pool_poller_batch_size": "batch_size",
+    "pool_poller_poll_interval_seconds": "poll_interval",
+    "pool_backpressure_paused": "paused",
+}
+
+
+class StatusStore(Protocol):
+    def backlog_stats(self, shard_count: int) -> BacklogStats: ...
+
+    def list_dead(self, limit: int = 100) -> list[DeadRow]: ...
+
+
+class DepthProbe(Protocol):
+    def depth(self) -> int | None: ...
+
+
+Sample = tuple[str, dict[str, str], float]  # metric sample name, labels, value
+
+
+@dataclass
+class PollerStatus:
+    worker: int
+    shards: list[int]
+    live: bool
+    pid: int | None = None
+    heartbeat_age_seconds: float | None = None
+    started_at: float | None = None
+    rows_per_second: float = 0.0
+    batch_size: int | None = None
+    poll_interval: float | None = None
+    paused: bool = False
+    acked: float = 0.0
+
+
+@dataclass
+class Snapshot:
+    refreshed_at: float = 0.0
+    interval: float = 0.0
+    database_ok: bool = False
+    database_error: str | None = None
+    broker_ok: bool = False
+    broker_error: str | None = None
+    queue: str = ""
+    queue_depth: int | None = None
+    backlog: int | None = None
+    lag_seconds: float | None = None
+    dead: int | None = None
+    shards: dict[int, int] = field(default_factory=dict)
+    pollers: list[PollerStatus] = field(default_factory=list)
+    pollers_expected: int = 0
+    totals: dict[str, float] = field(default_factory=dict)
+    rows_per_second: float = 0.0
+    dead_letters: list[DeadRow] = field(default_factory=list)
+    history: list[dict[str, float | None]] = field(default_factory=list)
+
+    @property
+    def pollers_live(self) -> int:
+        return sum(p.live for p in self.pollers)
+
+    def problems(self) -> list[str]:
+        """Why the pool is not healthy; empty when it is."""
+        found = []
+        if not self.refreshed_at:
+            found.append("no status yet")
+        if not self.database_ok:
+            found.append(f"database unreachable: {self.database_error}")
+        if not self.broker_ok:
+            found.append(f"broker unreachable: {self.broker_error}")
+        if self.pollers_live < self.pollers_expected:
+            found.append(f"{self.pollers_live} of {self.pollers_expected} pollers live")
+        return found
+
+    def ready(self) -> bool:
+        """Database and broker reachable and at least one poller live (for /readyz)."""
+        return bool(self.refreshed_at) and self.database_ok and self.broker_ok and self.pollers_live > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shards"] = [{"shard": s, "backlog": n} for s, n in sorted(self.shards.items())]
+        data["pollers_live"] = self.pollers_live
+        data["healthy"] = not self.problems()
+        data["ready"] = self.ready()
+        data["problems"] = self.problems()
+        return data
+
+
+def read_samples(collect: Callable[[], Iterable[Any]]) -> list[Sample]:
+    """Flatten prometheus_client metric families into (sample name, labels, value)."""
+    return [(s.name, dict(s.labels), s.value) for family in collect() for s in family.samples]
+
+
+def live_after(settings: Settings) -> float:
+    """A poller whose last loop is older than this is stuck (a dead one has no heartbeat)."""
+    return max(15.0, 3 * settings.poll_interval)
+
+
+def build_pollers(samples: list[Sample], settings: Settings, now: float) -> list[PollerStatus]:
+    by_worker: dict[int, dict[str, float]] = {}
+    for name, labels, value in samples:
+        worker = labels.get("worker")
+        if worker is None or not worker.isdigit():
+            continue
+        fields = by_worker.setdefault(int(worker), {})
+        if name in POLLER_GAUGES:
+            fields[POLLER_GAUGES[name]] = value
+        elif name == "pool_signals_acked_total":
+            fields["acked"] = value
+    pollers = []
+    for worker in range(settings.workers):
+        fields = by_worker.get(worker, {})
+        heartbeat = fields.get("heartbeat")
+        age = None if heartbeat is None else max(0.0, now - heartbeat)
+        pollers.append(PollerStatus(
+            worker=worker,
+            # Poller k of N relays the rows with id % N = k.
+            shards=[worker],
+            live=age is not None and age <= live_after(settings),
+            pid=int(fields["pid"]) if "pid" in fields else None,
+            heartbeat_age_seconds=age,
+            started_at=fields.get("started_at"),
+            batch_size=int(fields["batch_size"]) if "batch_size" in fields else None,
+            poll_interval=fields.get("poll_interval"),
+            paused=bool(fields.get("paused", 0)),
+            acked=fields.get("acked", 0.0),
+        ))
+    return pollers
+
+
+def sum_totals(samples: list[Sample]) -> dict[str, float]:
+    totals = dict.fromkeys(TOTALS.values(), 0.0)
+    for name, _labels, value in samples:
+        if name in TOTALS:
+            totals[TOTALS[name]] += value
+    return totals
+
+
+class StatusMonitor:
+    """Refreshes a Snapshot every `interval` seconds in a thread of its own."""
+
+    def __init__(self, settings: Settings, store: StatusStore, depth: DepthProbe,
+                 collect: Callable[[], Iterable[Any]], interval: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.depth = depth
+        self.collect = collect
+        self.interval = interval
+        self.clock = clock
+        self.snapshot = Snapshot(interval=interval, queue=settings.queue, pollers_expected=settings.workers)
+        self._history: deque[dict[str, float | None]] = deque(maxlen=int(HISTORY_SECONDS / interval) + 1)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> Snapshot:
+        with self._lock:
+            return self.snapshot
+
+    def refresh(self) -> Snapshot:
+        now = self.clock()
+        previous = self.current()
+        snap = Snapshot(refreshed_at=now, interval=self.interval, queue=self.settings.queue,
+                        pollers_expected=self.settings.workers)
+        try:
+            stats = self.store.backlog_stats(self.settings.workers)
+            snap.dead_letters = self.store.list_dead(DEAD_LETTERS_SHOWN)
+            snap.database_ok = True
+            snap.backlog, snap.lag_seconds, snap.dead = stats.backlog, stats.oldest_age_seconds, stats.dead
+            snap.shards = stats.by_shard
+        except Exception as exc:  # noqa: BLE001 - an outage is reported, not fatal
+            snap.database_error = first_line(exc)
+            if previous.database_ok or not previous.refreshed_at:
+                log.warning("status: database unreachable: %s", snap.database_error)
+        snap.queue_depth = self.depth.depth()
+        snap.broker_ok = snap.queue_depth is not None
+        if not snap.broker_ok:
+            snap.broker_error = "cannot read the queue depth"
+        samples = read_samples(self.collect)
+        snap.totals = sum_totals(samples)
+        snap.pollers = build_pollers(samples, self.settings, now)
+        elapsed = now - previous.refreshed_at if previous.refreshed_at else 0.0
+        if elapsed > 0:
+            before = {p.worker: p.acked for p in previous.pollers}
+            for poller in snap.pollers:
+                # Counters survive restarts (the files are per worker slot), so a drop only
+                # happens if the metrics directory was wiped: count that as no progress.
+                done = poller.acked - before.get(poller.worker, poller.acked)
+                poller.rows_per_second = max(0.0, done) / elapsed
+            snap.rows_per_second = sum(p.rows_per_second for p in snap.pollers)
+        self._history.append({"t": now, "rows_per_second": snap.rows_per_second, "backlog": snap.backlog,
+                              "lag_seconds": snap.lag_seconds, "dead": snap.dead})
+        snap.history = list(self._history)
+        with self._lock:
+            self.snapshot = snap
+        return snap
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="status-monitor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the monitor must outlive any one bad refresh
+                log.exception("status refresh failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
