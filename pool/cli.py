@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 from pool.config import ENVIRONMENT, load_settings
-from pool.errors import PoolError
+from pool.durations import parse_age
+from pool.errors import ConfigError, PoolError
 
 # Flags shared by every command; each maps to a Settings field and overrides its PULSE_* variable.
 SETTING_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
@@ -235,7 +236,10 @@ def dead_requeue(settings: Any, ids: tuple[int, ...], all_rows: bool) -> None:
 @with_settings([])
 def dead_purge(settings: Any, older_than: str, yes: bool) -> None:
     """Delete dead rows for good."""
-    seconds = parse_age(older_than)
+    try:
+        seconds = parse_age(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     if not yes:
         click.confirm(f"delete dead rows older than {older_than} from {settings.table}?", abort=True)
     with _store(settings) as store:
@@ -243,19 +247,42 @@ def dead_purge(settings: Any, older_than: str, yes: bool) -> None:
     click.echo(f"purged {count} dead row(s)")
 
 
-AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+@cli.command()
+@click.option("--processed-older-than", "older_than", required=True, metavar="DURATION",
+              help="Delete processed rows whose timestamp is at least this old by the database clock, "
+                   "e.g. 30m, 12h, 7d. Rows with a NULL timestamp are kept.")
+@click.option("--batch-size", "batch_size", default="5000", show_default=True, metavar="N",
+              help="Rows deleted per transaction (not PULSE_BATCH_SIZE).")
+@with_settings([])
+def prune(settings: Any, older_than: str, batch_size: str) -> None:
+    """Delete old processed rows in short batches, so the table does not grow forever.
 
+    Unprocessed and dead rows are never deleted (dead ones: `pool dead purge`), nor are rows
+    whose timestamp is NULL."""
+    from pool.retention import Pruner
 
-def parse_age(text: str) -> float:
-    """'90s', '30m', '12h', '7d', '2w' -> seconds."""
-    text = text.strip().lower()
     try:
-        number, unit = float(text[:-1]), AGE_UNITS[text[-1]]
-    except (ValueError, KeyError, IndexError):
-        raise click.BadParameter(f"{text!r} is not an age like 30m, 12h or 7d") from None
-    if number < 0:
-        raise click.BadParameter("an age cannot be negative")
-    return number * unit
+        seconds = parse_age(older_than)
+    except ValueError as exc:
+        raise ConfigError(f"--processed-older-than: {exc}") from None
+    batch_rows = _parse_count("--batch-size", batch_size, 1_000_000)
+    with _store(settings) as store:
+        pruner = Pruner(store, seconds, batch_rows)
+        total = store.count_prunable(seconds)
+        with click.progressbar(length=total, label="pruning processed rows", file=sys.stderr) as bar:
+            pruned = pruner.run(progress=bar.update)
+    click.echo(f"pruned {pruned} processed rows older than {older_than.strip()} from {settings.table}")
+
+
+def _parse_count(flag: str, raw: str, maximum: int) -> int:
+    """A whole number from 1 to `maximum`, or a one-line ConfigError naming the flag."""
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be a whole number, got {raw!r}") from None
+    if not 1 <= value <= maximum:
+        raise ConfigError(f"{flag} must be between 1 and {maximum}, got {value}")
+    return value
 
 
 def format_age(seconds: float) -> str:

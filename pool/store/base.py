@@ -153,6 +153,17 @@ class SqlStore:
     def _age_seconds(self, column: str) -> str:
         raise NotImplementedError
 
+    def _older_than(self, column: str, param: str) -> str:
+        """A condition: `column` lies at least :param seconds before the database clock."""
+        raise NotImplementedError
+
+    def _times_as_utc(self, conn: Connection) -> None:
+        """Make naive times in this transaction compare as UTC, as the payload reads them."""
+
+    def _skip_locked(self) -> str:
+        """What makes a row selection pass over rows another transaction has locked."""
+        return ""
+
     def claim(self, owner: str, shard_count: int, shard: int, limit: int, lease_seconds: float) -> Claim:
         raise NotImplementedError
 
@@ -375,6 +386,43 @@ class SqlStore:
 
         return self._one_statement(read)
 
+    # --- retention -------------------------------------------------------------------
+    def _prunable_where(self) -> str:
+        ts = self.q(self.settings.columns.timestamp)
+        # A NULL timestamp gives no age, so the row is kept; the comparison alone would skip it,
+        # IS NOT NULL says so outright. Dead rows are never processed, and dead_at IS NULL keeps
+        # them out even if one were: `pool dead purge` is what deletes them.
+        return (
+            f"{self.c_processed} = 1 AND dead_at IS NULL AND {ts} IS NOT NULL"
+            f" AND {self._older_than(ts, 'age')}"
+        )
+
+    def prune_processed(self, older_than_seconds: float, batch_rows: int) -> int:
+        """Delete at most `batch_rows` processed rows whose timestamp is at least
+        `older_than_seconds` old by the database clock. Returns how many it deleted.
+
+        One short transaction per call, so that pollers wait on none of it for long; a caller
+        deletes a big backlog by calling again until a call deletes fewer than `batch_rows`."""
+        _check_prune_arguments(older_than_seconds, batch_rows)
+        sql = (
+            f"DELETE FROM {self.t} WHERE {self.c_id} IN ("
+            f"SELECT {self.c_id} FROM {self.t} WHERE {self._prunable_where()}"
+            f" LIMIT :limit{self._skip_locked()})"
+        )
+        with self.engine.begin() as conn:
+            self._times_as_utc(conn)
+            return conn.execute(text(sql), {"age": older_than_seconds, "limit": batch_rows}).rowcount
+
+    def count_prunable(self, older_than_seconds: float) -> int:
+        """How many rows prune_processed would delete now, counted exactly. It scans every
+        processed row of the table (the relay adds no index on the timestamp), so call it once per
+        run rather than per batch."""
+        _check_prune_arguments(older_than_seconds, 1)
+        sql = f"SELECT COUNT(*) FROM {self.t} WHERE {self._prunable_where()}"
+        with self.engine.begin() as conn:
+            self._times_as_utc(conn)
+            return int(conn.execute(text(sql), {"age": older_than_seconds}).scalar_one())
+
     def counts(self) -> Counts:
         p = self.c_processed
         sql = (
@@ -416,6 +464,14 @@ class SqlStore:
         with self._kept_lock:
             self._drop_kept()
         self.engine.dispose()
+
+
+def _check_prune_arguments(older_than_seconds: float, batch_rows: int) -> None:
+    # SQLite reads a negative LIMIT as no limit at all, and NaN ages compare as nothing.
+    if not 0 <= older_than_seconds < float("inf"):
+        raise ValueError(f"older_than_seconds must be a finite number >= 0, got {older_than_seconds!r}")
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows!r}")
 
 
 def first_line(exc: BaseException) -> str:

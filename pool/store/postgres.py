@@ -135,6 +135,19 @@ class PostgresStore(SqlStore):
     def _age_seconds(self, column: str) -> str:
         return f"EXTRACT(EPOCH FROM clock_timestamp() - {column})"
 
+    def _older_than(self, column: str, param: str) -> str:
+        # statement_timestamp(), not clock_timestamp(): it is stable within the statement, so
+        # an index on the timestamp column, where a user has one, can serve the comparison.
+        return f"{column} <= statement_timestamp() - make_interval(secs => :{param})"
+
+    def _times_as_utc(self, conn: Connection) -> None:
+        # A naive `timestamp` column of an old seed table is compared through the session's
+        # time zone; the payload takes naive times as UTC, so retention must as well.
+        conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
+
+    def _skip_locked(self) -> str:
+        return " FOR UPDATE SKIP LOCKED"
+
     def _ids_clause(self) -> str:
         return f"{self.c_id} = ANY(:ids)"
 

@@ -95,6 +95,12 @@ class SqliteStore(SqlStore):
     def _age_seconds(self, column: str) -> str:
         return f"(julianday('now') - julianday({column})) * 86400.0"
 
+    def _older_than(self, column: str, param: str) -> str:
+        # julianday() reads every ISO-8601 form in use (space or T, with or without an offset,
+        # naive taken as UTC), where a text comparison would not; unreadable text gives NULL,
+        # so such a row is kept.
+        return f"julianday({column}) <= julianday('now') - :{param} / 86400.0"
+
     def _existing_columns(self, conn: Connection) -> set[str] | None:
         rows = conn.execute(text(f"PRAGMA table_info({self.t})")).all()
         return {r[1] for r in rows} or None

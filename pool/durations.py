@@ -1,0 +1,22 @@
+"""Ages as commands take them (90s, 30m, 12h, 7d, 2w), shared so that every command reads them alike."""
+
+from __future__ import annotations
+
+import math
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_age(text: str) -> float:
+    """'90s', '30m', '12h', '7d', '2w' -> seconds; ValueError with a one-line message otherwise."""
+    text = text.strip().lower()
+    try:
+        number, unit = float(text[:-1]), AGE_UNITS[text[-1]]
+    except (ValueError, KeyError, IndexError):
+        raise ValueError(f"{text!r} is not an age like 30m, 12h or 7d") from None
+    # float() also reads 'nan' and 'inf'; no row is older than either, so they are mistakes.
+    if not math.isfinite(number):
+        raise ValueError(f"{text!r} is not an age like 30m, 12h or 7d")
+    if number < 0:
+        raise ValueError("an age cannot be negative")
+    return number * unit
