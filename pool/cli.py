@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from pool.config import ENVIRONMENT, load_settings
+from pool.config import CONFIG_FILE_VARIABLE, ENVIRONMENT, load_settings
 from pool.durations import parse_age
 from pool.errors import ConfigError, PoolError
 
@@ -39,19 +39,26 @@ START_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
 ]
 
 
-def with_settings(flags: list[tuple[str, str, Any]]) -> Callable:
-    """Add setting flags to a command and hand it a validated Settings as `settings`."""
+def with_settings(flags: list[tuple[str, str, Any]], reloadable: bool = False) -> Callable:
+    """Add setting flags to a command and hand it a validated Settings as `settings`; with
+    `reloadable`, also `load_settings_again`, which reads the same sources once more."""
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             overrides = {key: kwargs.pop(key, None) for _flag, key, _type in SETTING_FLAGS + flags}
+            overrides["config"] = kwargs.pop("config_file", None)
+            if reloadable:
+                kwargs["load_settings_again"] = lambda: load_settings(overrides=overrides)
             return command(settings=load_settings(overrides=overrides), **kwargs)
 
         for flag, key, type_ in reversed(SETTING_FLAGS + flags):
             wrapper = click.option(flag, key, type=type_, default=None,
                                    help=f"Overrides {ENVIRONMENT[key]}.")(wrapper)
-        return wrapper
+        return click.option(
+            "--config", "config_file", default=None,
+            help=f"TOML settings file (or {CONFIG_FILE_VARIABLE}); the environment and flags override it.",
+        )(wrapper)
 
     return decorate
 
@@ -107,16 +114,16 @@ def seed(settings: Any, count: int, chunk: int) -> None:
 
 
 @cli.command()
-@with_settings(START_FLAGS)
-def start(settings: Any) -> None:
-    """Start N pollers and the metrics coordinator; SIGTERM drains and exits 0."""
+@with_settings(START_FLAGS, reloadable=True)
+def start(settings: Any, load_settings_again: Callable[[], Any]) -> None:
+    """Start N pollers and the coordinator; SIGHUP reloads settings, SIGTERM drains and exits 0."""
     from pool.logs import setup_logging
     from pool.supervisor import run_supervisor
 
     setup_logging(settings.log_level, "pool")
     with _store(settings):
         pass  # reachable and prepared, or a one-line error and exit 2
-    sys.exit(run_supervisor(settings))
+    sys.exit(run_supervisor(settings, load_settings_again))
 
 
 @cli.command()
@@ -143,19 +150,45 @@ def worker(settings: Any, concurrency: int) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@with_settings([])
-def status(settings: Any, as_json: bool) -> None:
-    """Processed, unprocessed and dead row counts of the signals table."""
+@click.option("--url", default=None,
+              help="The coordinator to ask (default: http://PULSE_METRICS_HOST:PULSE_METRICS_PORT).")
+@with_settings([("--metrics-port", "metrics_port", str), ("--metrics-host", "metrics_host", str)])
+def status(settings: Any, as_json: bool, url: str | None) -> None:
+    """Pollers, backlog, lag, dead rows and broker depth; exit 0 only when the pool is healthy.
+
+    Row counts come from the database; the rest from the running coordinator. Exit codes:
+    0 healthy, 1 unhealthy or not running, 2 configuration error or database unreachable."""
+    from pool.status_client import StatusReport, coordinator_url, fetch_status
+
     with _store(settings) as store:
         counts = store.counts()
+    base = coordinator_url(settings, url)
+    snapshot, error = fetch_status(base) if base else (None, None)
+    report = StatusReport(counts=counts, coordinator=base, status=snapshot, error=error)
     if as_json:
-        click.echo(json.dumps(
-            {"processed": counts.processed, "unprocessed": counts.unprocessed, "dead": counts.dead}
-        ))
+        click.echo(json.dumps(report.as_dict()))
     else:
-        click.echo(f"processed:   {counts.processed}")
-        click.echo(f"unprocessed: {counts.unprocessed}")
-        click.echo(f"dead:        {counts.dead}")
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(0 if report.healthy else 1)
+
+
+@cli.command()
+@click.option("--url", default=None,
+              help="The coordinator to ask (default: http://PULSE_METRICS_HOST:PULSE_METRICS_PORT).")
+@with_settings([("--metrics-port", "metrics_port", str), ("--metrics-host", "metrics_host", str)])
+def reload(settings: Any, url: str | None) -> None:
+    """Make a running `pool start` re-read its settings, as SIGHUP does."""
+    from pool.errors import ConfigError
+    from pool.status_client import coordinator_url, request_reload
+
+    base = coordinator_url(settings, url)
+    if base is None:
+        raise ConfigError("PULSE_METRICS_PORT is 0, so the coordinator's port is unknown: pass --url")
+    error = request_reload(base)
+    if error:
+        raise PoolError(error)
+    click.echo(f"asked the pool at {base} to reload its settings")
 
 
 @cli.command()

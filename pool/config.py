@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,10 @@ from pool.errors import ConfigError
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CONFIG_FILE_VARIABLE = "PULSE_CONFIG"
+# What a running `pool start` takes over on SIGHUP / `pool reload`; the rest needs a restart.
+RELOADABLE = ("poll_interval", "busy_poll_interval", "batch_size", "backpressure_high", "backpressure_low",
+              "log_level")
 # Columns the relay adds beside the seed-shaped ones; names are fixed so that tools and
 # dashboards agree on them whatever the user's own column names are.
 RELAY_COLUMNS = (
@@ -185,19 +190,44 @@ def _parse(key: str, raw: Any) -> Any:
     return value
 
 
+def _file_values(path: str) -> dict[str, Any]:
+    """Settings from a TOML file whose keys are the variables' names without PULSE_, in lower
+    case (`batch_size = 1000`, `db_poll_interval = 0.5`, `db_column_name = "label"`)."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: {path} is not valid TOML: {exc}") from None
+    by_name = {env_name.removeprefix("PULSE_").lower(): key for key, env_name in ENVIRONMENT.items()}
+    values = {}
+    for name, raw in data.items():
+        key = by_name.get(name)
+        if key is None:
+            raise ConfigError(f"{CONFIG_FILE_VARIABLE}: {path} has an unknown setting {name!r}")
+        if isinstance(raw, dict | list | bool):
+            raise ConfigError(f"{CONFIG_FILE_VARIABLE}: {path}: {name} must be a string or a number")
+        values[key] = _parse(key, raw)
+    return values
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Settings:
-    """Build Settings from defaults, then `environ`, then `overrides` (CLI flags; None = unset).
+    """Build Settings from defaults, then the file named by PULSE_CONFIG (or the `config`
+    override), then `environ`, then `overrides` (CLI flags; None = unset).
 
     Raises ConfigError with a one-line message naming the offending variable.
     """
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
+    overrides = dict(overrides or {})
+    config_file = overrides.pop("config", None) or environ.get(CONFIG_FILE_VARIABLE) or None
+    values: dict[str, Any] = _file_values(config_file) if config_file else {}
     for key, env_name in ENVIRONMENT.items():
         if env_name in environ and environ[env_name] != "":
             values[key] = _parse(key, environ[env_name])
-    for key, raw in (overrides or {}).items():
+    for key, raw in overrides.items():
         if raw is None:
             continue
         if key not in ENVIRONMENT:

@@ -6,6 +6,8 @@ import logging
 import os
 import signal
 import socket
+import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -25,8 +27,29 @@ def _stop_on_signals(stop: StopSignal) -> None:
 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
+    # Reloads come from the supervisor over the pipe; a hangup of the whole process group
+    # (a closed terminal) must not end the children by default.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # The supervisor blocks these while spawning, and a spawned child inherits that mask.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def _on_reload(events: Connection, apply: Callable[[dict[str, Any]], None]) -> None:
+    """Apply the settings the supervisor sends after a reload, from a thread of its own."""
+
+    def listen() -> None:
+        while True:
+            try:
+                kind, changes = events.recv()
+            except (EOFError, OSError):
+                return  # the supervisor is gone; the stop signal ends this process
+            if kind == "reload":
+                if "log_level" in changes:
+                    logging.getLogger().setLevel(changes["log_level"])
+                apply(changes)
+                log.info("reloaded: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+
+    threading.Thread(target=listen, name="reload-listener", daemon=True).start()
 
 
 def worker_slot(index: int) -> str:
@@ -56,6 +79,8 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
         owner=f"{socket.gethostname()}:{os.getpid()}:{index}", index=index, shard_count=shard_count
     )
     poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth)
+    # The loop reads poller.settings afresh for every batch: one assignment swaps them.
+    _on_reload(events, lambda changes: setattr(poller, "settings", poller.settings.replace(**changes)))
     events.send(("ready", worker_slot(index), os.getpid(), None))
     try:
         poller.run()
@@ -92,6 +117,7 @@ def coordinator_main(settings: Settings, events: Connection) -> None:
         ))
         return
     monitor.start()
+    _on_reload(events, lambda changes: setattr(monitor, "settings", monitor.settings.replace(**changes)))
     events.send(("ready", "coordinator", os.getpid(), server.server_port))
     stop.wait()
     server.shutdown()

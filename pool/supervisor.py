@@ -1,4 +1,5 @@
-"""`pool start`: spawn N pollers and one coordinator, restart the ones that die, drain on SIGTERM.
+"""`pool start`: spawn N pollers and one coordinator, restart the ones that die, drain on SIGTERM,
+reload settings on SIGHUP.
 
 Exit codes: 0 graceful stop, 1 a child could not start, 2 configuration error,
 3 stopped at once by a second signal (in-flight batches were abandoned; their leases expire).
@@ -7,6 +8,7 @@ Exit codes: 0 graceful stop, 1 a child could not start, 2 configuration error,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -14,13 +16,15 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from pool.config import Settings
+from pool.config import RELOADABLE, Settings
 from pool.coordinator import reset_metrics_dir
+from pool.errors import ConfigError
 from pool.process_main import coordinator_main, poller_main, worker_slot
 
 log = logging.getLogger(__name__)
@@ -48,12 +52,15 @@ class Child:
     ready: bool = False  # reported ready since its last start
     # A pipe of its own per child: a child killed mid-write can only break its own pipe. (A
     # shared multiprocessing.Queue stays locked forever if the writer dies holding its lock.)
+    # The child reports on it (ready, fatal); the supervisor sends it reloaded settings.
     events: Connection | None = None
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, load_settings_again: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self.load_settings_again = load_settings_again
+        self.reload_requested = False
         self.shutdown_timeout = settings.shutdown_timeout
         self.ctx = multiprocessing.get_context("spawn")
         self.signals_seen = 0
@@ -74,6 +81,38 @@ class Supervisor:
             for child in self.children:
                 self._signal_child(child, signal.SIGKILL)
 
+    def _on_hangup(self, _signum: int, _frame: Any) -> None:
+        self.reload_requested = True  # handled by the watch loop, outside the signal handler
+
+    def _reload(self) -> None:
+        """Re-read the settings' sources and pass what may change at run time to every child."""
+        self.reload_requested = False
+        if self.load_settings_again is None:
+            return
+        try:
+            fresh = self.load_settings_again()
+        except ConfigError as exc:
+            log.error("reload failed, keeping the current settings: %s", exc)
+            return
+        current = self.settings
+        changes = {k: getattr(fresh, k) for k in RELOADABLE if getattr(fresh, k) != getattr(current, k)}
+        fixed = [f.name for f in dataclasses.fields(Settings)
+                 if f.name not in RELOADABLE and getattr(fresh, f.name) != getattr(current, f.name)]
+        if fixed:
+            log.warning("reload: %s changed but only take effect when pool start is restarted",
+                        ", ".join(fixed))
+        if not changes:
+            log.info("reload: no reloadable setting changed")
+            return
+        self.settings = current.replace(**changes)
+        if "log_level" in changes:
+            logging.getLogger().setLevel(changes["log_level"])
+        for child in self.children:
+            if child.events is not None and child.process is not None and child.process.exitcode is None:
+                with contextlib.suppress(OSError):  # a child dying now is restarted with the new values
+                    child.events.send(("reload", changes))
+        log.info("reloaded: %s", ", ".join(f"{k} {getattr(current, k)} -> {v}" for k, v in changes.items()))
+
     @staticmethod
     def _signal_child(child: Child, signum: int) -> None:
         if child.process is not None and child.process.pid and child.process.exitcode is None:
@@ -89,15 +128,17 @@ class Supervisor:
         # Block signals while spawning so a SIGTERM cannot land between start() and bookkeeping.
         if child.events is not None:
             child.events.close()
-        reader, writer = self.ctx.Pipe(duplex=False)
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        ours, theirs = self.ctx.Pipe(duplex=True)
+        # A restarted child starts from the settings as last reloaded.
+        args = tuple(self.settings if isinstance(a, Settings) else a for a in child.args)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         try:
-            process = self.ctx.Process(target=child.target, args=(*child.args, writer), name=child.name)
+            process = self.ctx.Process(target=child.target, args=(*args, theirs), name=child.name)
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            writer.close()
-        child.events = reader
+            theirs.close()
+        child.events = ours
         log.info("started %s (pid %d)", child.name, process.pid)
         child.process = process
         child.started_at = time.monotonic()
@@ -206,6 +247,7 @@ class Supervisor:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
 
         self.children.append(Child("coordinator", coordinator_main, (settings,)))
         for index in range(settings.workers):
@@ -243,6 +285,8 @@ class Supervisor:
                     return
 
     def _watch_step(self) -> None:
+        if self.reload_requested and not self.stopping:
+            self._reload()
         alive = [c for c in self.children if c.process is not None and c.process.exitcode is None]
         readers = [c.events for c in alive if c.events is not None]
         wait([c.process.sentinel for c in alive] + readers, timeout=0.5)
@@ -258,5 +302,5 @@ class Supervisor:
                 self._start(child)
 
 
-def run_supervisor(settings: Settings) -> int:
-    return Supervisor(settings).run()
+def run_supervisor(settings: Settings, load_settings_again: Callable[[], Settings] | None = None) -> int:
+    return Supervisor(settings, load_settings_again).run()

@@ -31,6 +31,17 @@ def run_pool(*args: str, env: Mapping[str, str], cwd: Path | str | None = None,
                           timeout=timeout)
 
 
+def row_counts(env: Mapping[str, str], cwd: Path | str | None = None) -> dict[str, int]:
+    """processed / unprocessed / dead, as `pool status --json` reads them from the database.
+
+    Its exit code says whether the pool is healthy (1 also when no coordinator answers, as with
+    `--metrics-port 0`); the row counts are there either way."""
+    result = run_pool("status", "--json", env=env, cwd=cwd)
+    assert result.returncode in (0, 1), result.stderr
+    report = json.loads(result.stdout)
+    return {key: report[key] for key in ("processed", "unprocessed", "dead")}
+
+
 class PoolProcess:
     """A long-running pool command whose combined output is read line by line."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -14,14 +13,12 @@ import psycopg
 import pytest
 import redis
 
-from tests.helpers import PoolProcess, clean_env, redis_messages, run_pool, wait_until
+from tests.helpers import PoolProcess, clean_env, redis_messages, row_counts, run_pool, wait_until
 from tests.tcp_proxy import TcpProxy
 
 
 def status(env, cwd) -> dict:
-    result = run_pool("status", "--json", env=env, cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return row_counts(env, cwd)
 
 
 def start_pool(env, cwd, workers: int = 2, *extra: str) -> PoolProcess:

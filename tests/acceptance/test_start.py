@@ -18,6 +18,7 @@ from tests.helpers import (
     clean_env,
     filesystem_messages,
     redis_messages,
+    row_counts,
     run_pool,
     wait_until,
 )
@@ -26,11 +27,7 @@ ROWS = 5_000
 
 
 def counts(run_env, cwd) -> dict:
-    import json
-
-    result = run_pool("status", "--json", env=run_env, cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return row_counts(run_env, cwd)
 
 
 def scrape(port: str) -> dict[str, float]:

@@ -1,0 +1,116 @@
+"""`pool status` and `pool reload` talk to a running coordinator over HTTP; this is that side."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from pool.config import Settings
+from pool.store.base import Counts
+
+TIMEOUT_SECONDS = 3.0
+
+
+def coordinator_url(settings: Settings, url: str | None = None) -> str | None:
+    """Where this host's coordinator listens, or None when its port is picked at random."""
+    if url:
+        return url.rstrip("/")
+    if not settings.metrics_port:
+        return None
+    host = settings.metrics_host
+    if host in ("", "0.0.0.0", "::"):  # bound to every address: ask it on the loopback one
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.metrics_port}"
+
+
+def fetch_status(base: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The coordinator's /status.json, or None and why it could not be read."""
+    try:
+        with urllib.request.urlopen(f"{base}/status.json", timeout=TIMEOUT_SECONDS) as response:
+            return json.loads(response.read()), None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return None, f"no coordinator answers at {base} ({reason}); is `pool start` running?"
+
+
+def request_reload(base: str) -> str | None:
+    """Ask the coordinator to have `pool start` reload its settings; returns an error or None."""
+    request = urllib.request.Request(f"{base}/-/reload", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS):
+            return None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"no coordinator answers at {base} ({reason}); is `pool start` running?"
+
+
+@dataclass
+class StatusReport:
+    counts: Counts
+    coordinator: str | None
+    status: dict[str, Any] | None
+    error: str | None
+
+    @property
+    def problems(self) -> list[str]:
+        if self.status is None:
+            return [self.error or "no coordinator to ask (PULSE_METRICS_PORT is 0); pass --url"]
+        return list(self.status.get("problems", []))
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "processed": self.counts.processed, "unprocessed": self.counts.unprocessed,
+            "dead": self.counts.dead, "healthy": self.healthy, "problems": self.problems,
+            "coordinator": self.coordinator, "status": self.status,
+        }
+
+    def lines(self) -> list[str]:
+        out = ["pool: healthy" if self.healthy else "pool: UNHEALTHY: " + "; ".join(self.problems)]
+        c = self.counts
+        out.append(f"rows: {c.processed:,} processed, {c.unprocessed:,} unprocessed, {c.dead:,} dead")
+        s = self.status
+        if s is None:
+            return out
+        age = max(0.0, time.time() - s["refreshed_at"])
+        out.append(f"coordinator: {self.coordinator} (refreshed {age:.1f} s ago)")
+        depth = "unknown" if s["queue_depth"] is None else f"{s['queue_depth']:,} messages"
+        out.append(f"backlog: {_count(s['backlog'])} rows, lag {_seconds(s['lag_seconds'])},"
+                   f" relaying {s['rows_per_second']:,.0f} rows/s; broker queue {s['queue']}: {depth}")
+        out.append(f"pollers: {s['pollers_live']} of {s['pollers_expected']} live")
+        header = ("poller", "pid", "shards", "state", "heartbeat", "rows/s", "batch", "poll", "relayed")
+        rows = [header] + [(
+            f"poller-{p['worker']}", str(p["pid"] or "-"), ",".join(map(str, p["shards"])),
+            "down" if not p["live"] else "paused" if p["paused"] else "running",
+            _seconds(p["heartbeat_age_seconds"]), f"{p['rows_per_second']:,.0f}",
+            _count(p["batch_size"]), _seconds(p["poll_interval"]), _count(p["acked"]),
+        ) for p in s["pollers"]]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        out.extend("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                   for row in rows)
+        return out
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 120:
+        return f"{value:.1f} s"
+    if value < 7200:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
