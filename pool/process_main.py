@@ -34,7 +34,8 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     # Keep a margin inside the supervisor's timeout for releasing what could not be published.
     stop = StopSignal(grace=max(0.5, settings.shutdown_timeout * 0.8))
     _stop_on_signals(stop)
-    setup_logging(settings.log_level, f"poller-{index}")
+    setup_logging(settings.log_level, f"poller-{index}", settings.log_format,
+                  secret_urls=(settings.db_url, settings.broker_url))
     # prometheus_client is first imported here, in the child, after the supervisor set
     # PROMETHEUS_MULTIPROC_DIR; connections are made here too, never inherited.
     from pool.metrics import PrometheusHooks
@@ -65,7 +66,8 @@ def coordinator_main(settings: Settings, events: Connection) -> None:
     """Serve /metrics aggregated over every poller process until told to stop."""
     stop = StopSignal()
     _stop_on_signals(stop)
-    setup_logging(settings.log_level, "coordinator")
+    setup_logging(settings.log_level, "coordinator", settings.log_format,
+                  secret_urls=(settings.db_url, settings.broker_url))
     from pool.coordinator import serve_metrics
 
     try:
