@@ -25,6 +25,7 @@ SETTING_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
     ("--queue", "queue", str),
     ("--task-name", "task_name", str),
     ("--log-level", "log_level", str),
+    ("--log-format", "log_format", str),
 ]
 START_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
     ("--workers", "workers", str),
@@ -120,7 +121,8 @@ def start(settings: Any, load_settings_again: Callable[[], Any]) -> None:
     from pool.logs import setup_logging
     from pool.supervisor import run_supervisor
 
-    setup_logging(settings.log_level, "pool")
+    setup_logging(settings.log_level, "pool", settings.log_format,
+                  secret_urls=(settings.db_url, settings.broker_url))
     with _store(settings):
         pass  # reachable and prepared, or a one-line error and exit 2
     sys.exit(run_supervisor(settings, load_settings_again))

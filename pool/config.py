@@ -15,6 +15,7 @@ from pool.errors import ConfigError
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "kv", "json")
 CONFIG_FILE_VARIABLE = "PULSE_CONFIG"
 # What a running `pool start` takes over on SIGHUP / `pool reload`; the rest needs a restart.
 RELOADABLE = ("poll_interval", "busy_poll_interval", "batch_size", "backpressure_high", "backpressure_low",
@@ -55,6 +56,7 @@ class Settings:
     table: str = "signals"
     columns: Columns = field(default_factory=Columns)
     log_level: str = "INFO"
+    log_format: str = "text"
     retry_base_seconds: float = 1.0
     retry_cap_seconds: float = 300.0
     max_attempts: int = 5
@@ -83,6 +85,7 @@ ENVIRONMENT: dict[str, str] = {
     "metrics_host": "PULSE_METRICS_HOST",
     "table": "PULSE_DB_TABLE",
     "log_level": "PULSE_LOG_LEVEL",
+    "log_format": "PULSE_LOG_FORMAT",
     "retry_base_seconds": "PULSE_RETRY_BASE_SECONDS",
     "retry_cap_seconds": "PULSE_RETRY_CAP_SECONDS",
     "max_attempts": "PULSE_MAX_ATTEMPTS",
@@ -183,6 +186,11 @@ def _parse(key: str, raw: Any) -> Any:
         value = str(raw).strip().upper()
         if value not in LOG_LEVELS:
             raise ConfigError(f"{env_name} must be one of {', '.join(LOG_LEVELS)}")
+        return value
+    if key == "log_format":
+        value = str(raw).strip().lower()
+        if value not in LOG_FORMATS:
+            raise ConfigError(f"{env_name} must be one of {', '.join(LOG_FORMATS)}, got {str(raw)[:40]!r}")
         return value
     value = str(raw).strip()
     if not value:

@@ -199,6 +199,8 @@ class Poller:
         self.rest = 0.0  # how long the poller rested after its last claim
         self._db_failing = False
         self._broker_failing = False
+        # When the current outage began (monotonic), for the seconds it lasted in the recovery line.
+        self._db_down_since = self._broker_down_since = 0.0
 
     # --- one batch -------------------------------------------------------------------
     def run_once(self) -> int:
@@ -223,9 +225,12 @@ class Poller:
         outcome.settle_seconds = finished - published_at
         self._note_broker(result.broker_error)
         self.hooks.batch_done(outcome)
-        log.debug("batch claimed=%d reclaimed=%d published=%d acked=%d retried=%d dead=%d unsent=%d"
-                  " in %.3f s", outcome.claimed, claim.reclaimed, outcome.published, outcome.acked,
-                  outcome.retried, outcome.dead, outcome.unsent, outcome.seconds)
+        if log.isEnabledFor(logging.DEBUG):  # spares building the fields on every batch otherwise
+            log.debug("batch done", extra={"fields": {
+                "claimed": outcome.claimed, "reclaimed": claim.reclaimed, "published": outcome.published,
+                "acked": outcome.acked, "retried": outcome.retried, "dead": outcome.dead,
+                "unsent": outcome.unsent, "seconds": round(outcome.seconds, 3),
+            }})
         return len(claim.rows)
 
     def _settle(self, claim: Claim, accepted: list[int], rejected: dict[int, str],
@@ -238,7 +243,9 @@ class Poller:
         outcome.acked = self._until_done(lambda: self.store.ack(claim.lease, accepted))
         if outcome.acked < len(accepted):
             log.warning("lease lost on %d of %d published rows; their new owner publishes them again",
-                        len(accepted) - outcome.acked, len(accepted))
+                        len(accepted) - outcome.acked, len(accepted),
+                        extra={"fields": {"event": "lease_lost", "lost": len(accepted) - outcome.acked,
+                                          "published": len(accepted)}})
         if rejected:
             attempts = {row.id: row.attempts for row in claim.rows}
             failures = []
@@ -254,7 +261,9 @@ class Poller:
             for failure in failures:
                 if failure.dead:
                     log.warning("row %d is dead after %d attempts: %s", failure.id, s.max_attempts,
-                                failure.error)
+                                failure.error, extra={"fields": {
+                                    "event": "row_dead", "row_id": failure.id, "attempts": s.max_attempts,
+                                    "error": failure.error}})
         if unsent:
             self._until_done(lambda: self.store.release(claim.lease, unsent))
         return outcome
@@ -286,12 +295,16 @@ class Poller:
         if not self.paused and depth > high:
             self.paused = True
             log.warning("backpressure: queue %s holds %d messages (> %d); pausing claims",
-                        self.settings.queue, depth, high)
+                        self.settings.queue, depth, high, extra={"fields": {
+                            "event": "backpressure_paused", "queue": self.settings.queue, "depth": depth,
+                            "high": high}})
             self.hooks.backpressure(True)
         elif self.paused and depth < low:
             self.paused = False
             log.info("backpressure released: queue %s holds %d messages (< %d); claiming again",
-                     self.settings.queue, depth, low)
+                     self.settings.queue, depth, low, extra={"fields": {
+                         "event": "backpressure_released", "queue": self.settings.queue, "depth": depth,
+                         "low": low}})
             self.hooks.backpressure(False)
         return self.paused
 
@@ -299,9 +312,12 @@ class Poller:
     def _note_broker(self, error: str | None) -> None:
         # Log on state changes only, so an outage is two lines, not one per batch.
         if error and not self._broker_failing:
-            log.error("broker unavailable, rows stay unprocessed and are retried: %s", error)
+            self._broker_down_since = time.monotonic()
+            log.error("broker unavailable, rows stay unprocessed and are retried: %s", error,
+                      extra={"fields": {"event": "broker_unavailable", "error": error}})
         elif not error and self._broker_failing:
-            log.info("broker reachable again")
+            log.info("broker reachable again", extra={"fields": {
+                "event": "broker_reachable", "down_seconds": _since(self._broker_down_since)}})
         self._broker_failing = error is not None
 
     def run(self) -> None:
@@ -317,13 +333,16 @@ class Poller:
             except DBAPIError as exc:
                 self.hooks.database_error()
                 if not self._db_failing:
-                    log.error("database unavailable, retrying with backoff: %s", first_line(exc))
+                    self._db_down_since = time.monotonic()
+                    log.error("database unavailable, retrying with backoff: %s", first_line(exc),
+                              extra={"fields": {"event": "database_unavailable", "error": first_line(exc)}})
                 self._db_failing = True
                 self.stop.wait(db_backoff)
                 db_backoff = min(db_backoff * 2, BACKOFF_CAP)
                 continue
             if self._db_failing:
-                log.info("database reachable again")
+                log.info("database reachable again", extra={"fields": {
+                    "event": "database_reachable", "down_seconds": _since(self._db_down_since)}})
                 self._db_failing = False
             db_backoff = BACKOFF_START
             if self._broker_failing:
@@ -360,3 +379,7 @@ class Poller:
         self.heartbeat.close()
         if self.wake is not None:
             self.wake.close()
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)

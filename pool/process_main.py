@@ -62,7 +62,8 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     # Keep a margin inside the supervisor's timeout for releasing what could not be published.
     stop = StopSignal(grace=max(0.5, settings.shutdown_timeout * 0.8))
     _stop_on_signals(stop)
-    setup_logging(settings.log_level, worker_slot(index))
+    setup_logging(settings.log_level, worker_slot(index), settings.log_format,
+                  secret_urls=(settings.db_url, settings.broker_url))
     # prometheus_client is first imported here, in the child, after the supervisor set
     # PROMETHEUS_MULTIPROC_DIR; connections are made here too, never inherited.
     from pool.metrics import PrometheusHooks, use_worker_files
@@ -96,7 +97,8 @@ def coordinator_main(settings: Settings, events: Connection) -> None:
     """Serve /metrics aggregated over every poller, health, status and the status page."""
     stop = StopSignal()
     _stop_on_signals(stop)
-    setup_logging(settings.log_level, "coordinator")
+    setup_logging(settings.log_level, "coordinator", settings.log_format,
+                  secret_urls=(settings.db_url, settings.broker_url))
     from pool.coordinator import CoordinatorApp, ask_parent_to_reload, poller_collector, serve
     from pool.queue_depth import QueueDepth
     from pool.status import StatusMonitor

@@ -132,6 +132,22 @@ def filesystem_messages(folder: Path, queue_name: str = "celery") -> list[dict]:
     return [decode_celery_message(p.read_bytes()) for p in Path(folder).glob(f"*.{queue_name}.msg")]
 
 
+# A logfmt pair: a bare value, or a quoted one whose escapes are JSON's.
+KV_PAIR = re.compile(r'([A-Za-z0-9_.-]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?: |$)')
+
+
+def parse_kv(line: str) -> dict[str, str]:
+    """A logfmt line -> {key: value as text}; asserts the whole line is made of pairs."""
+    pairs, position = {}, 0
+    for match in KV_PAIR.finditer(line):
+        assert match.start() == position, f"unparsable logfmt at {position}: {line!r}"
+        key, raw = match[1], match[2]
+        pairs[key] = json.loads(raw) if raw.startswith('"') else raw
+        position = match.end()
+    assert position == len(line), f"unparsable logfmt tail: {line[position:]!r}"
+    return pairs
+
+
 def make_settings(**overrides):
     """Settings from defaults and these overrides only, whatever the test's environment holds."""
     from pool.config import load_settings

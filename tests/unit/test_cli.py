@@ -85,6 +85,14 @@ def test_each_command_has_help_naming_its_variables(runner: CliRunner, command: 
     assert "PULSE_DB_URL" in result.output
 
 
+@pytest.mark.parametrize("command", [*COMMANDS, "dead list", "dead requeue", "dead purge"])
+def test_every_command_with_log_level_takes_log_format(runner: CliRunner, command: str) -> None:
+    result = runner.invoke(cli, [*command.split(), "--help"], env=runner_env())
+    assert result.exit_code == 0, result.output
+    assert "--log-level" in result.output
+    assert "--log-format" in result.output and "PULSE_LOG_FORMAT" in result.output
+
+
 def test_start_help_shows_start_only_flags(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["start", "--help"], env=runner_env())
     assert result.exit_code == 0
@@ -119,6 +127,8 @@ def test_help_does_not_touch_the_database(runner: CliRunner, tmp_path: Path) -> 
         (["start", "--poll-interval", "nan"], {}, "PULSE_DB_POLL_INTERVAL"),
         (["init-db", "--table", "1table"], {}, "PULSE_DB_TABLE"),
         (["seed", "--log-level", "loud"], {}, "PULSE_LOG_LEVEL"),
+        (["status", "--log-format", "xml"], {}, "PULSE_LOG_FORMAT"),
+        (["start"], {"PULSE_LOG_FORMAT": "logfmt"}, "PULSE_LOG_FORMAT"),
         (["scores", "--queue", "bad queue"], {}, "PULSE_QUEUE"),
         (["worker"], {"PULSE_DB_COLUMN_NAME": "id"}, "PULSE_DB_COLUMN"),
         (["start", "--shutdown-timeout", "0"], {}, "PULSE_SHUTDOWN_TIMEOUT"),

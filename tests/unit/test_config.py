@@ -36,6 +36,7 @@ def test_defaults_without_any_environment() -> None:
     assert settings.batch_size == 500
     assert settings.workers == 1
     assert settings.log_level == "INFO"
+    assert settings.log_format == "text"
     assert settings.columns == Columns()
     assert (settings.columns.id, settings.columns.name, settings.columns.value) == ("id", "name", "value")
     assert settings.columns.processed == "processed"
@@ -86,6 +87,7 @@ def test_environment_overrides_defaults() -> None:
             "PULSE_METRICS_HOST": "0.0.0.0",
             "PULSE_DB_TABLE": "my_signals",
             "PULSE_LOG_LEVEL": "debug",
+            "PULSE_LOG_FORMAT": "json",
             "PULSE_DB_COLUMN_ID": "signal_id",
             "PULSE_DB_COLUMN_NAME": "label",
             "PULSE_DB_COLUMN_VALUE": "reading",
@@ -114,6 +116,7 @@ def test_environment_overrides_defaults() -> None:
     assert settings.metrics_host == "0.0.0.0"
     assert settings.table == "my_signals"
     assert settings.log_level == "DEBUG"
+    assert settings.log_format == "json"
     assert settings.columns == Columns(
         id="signal_id",
         name="label",
@@ -148,10 +151,12 @@ def test_overrides_beat_defaults_without_environment() -> None:
 
 
 def test_cli_overrides_of_new_settings_beat_environment() -> None:
-    environ = {"PULSE_SHUTDOWN_TIMEOUT": "10", "PULSE_MAX_ATTEMPTS": "3"}
-    settings = load_settings(environ=environ, overrides={"shutdown_timeout": "2", "max_attempts": "9"})
+    environ = {"PULSE_SHUTDOWN_TIMEOUT": "10", "PULSE_MAX_ATTEMPTS": "3", "PULSE_LOG_FORMAT": "kv"}
+    settings = load_settings(environ=environ, overrides={"shutdown_timeout": "2", "max_attempts": "9",
+                                                         "log_format": "json"})
     assert settings.shutdown_timeout == 2.0
     assert settings.max_attempts == 9
+    assert settings.log_format == "json"
 
 
 def test_none_override_means_unset() -> None:
@@ -221,6 +226,11 @@ def test_config_error_is_a_pool_error_with_exit_code_2() -> None:
         ("PULSE_DB_TABLE", "_t", "table", "_t"),
         ("PULSE_DB_TABLE", "T" + "x" * 62, "table", "T" + "x" * 62),
         ("PULSE_LOG_LEVEL", "error", "log_level", "ERROR"),
+        ("PULSE_LOG_FORMAT", "text", "log_format", "text"),
+        ("PULSE_LOG_FORMAT", "kv", "log_format", "kv"),
+        ("PULSE_LOG_FORMAT", "json", "log_format", "json"),
+        ("PULSE_LOG_FORMAT", " JSON\n", "log_format", "json"),
+        ("PULSE_LOG_FORMAT", "KV", "log_format", "kv"),
         ("PULSE_RETRY_BASE_SECONDS", "0.001", "retry_base_seconds", 0.001),
         ("PULSE_RETRY_BASE_SECONDS", "300", "retry_base_seconds", 300.0),
         ("PULSE_RETRY_CAP_SECONDS", "1", "retry_cap_seconds", 1.0),
@@ -349,6 +359,14 @@ INVALID = [
     ("PULSE_LOG_LEVEL", "verbose"),
     ("PULSE_LOG_LEVEL", "CRITICAL"),
     ("PULSE_LOG_LEVEL", "10"),
+    # log format
+    ("PULSE_LOG_FORMAT", "logfmt"),
+    ("PULSE_LOG_FORMAT", "yaml"),
+    ("PULSE_LOG_FORMAT", "jsonl"),
+    ("PULSE_LOG_FORMAT", "key=value"),
+    ("PULSE_LOG_FORMAT", "js on"),
+    ("PULSE_LOG_FORMAT", "json\ntext"),
+    ("PULSE_LOG_FORMAT", "   "),
     # queue
     ("PULSE_QUEUE", "my queue"),
     ("PULSE_QUEUE", "q/1"),

@@ -906,3 +906,101 @@ def test_out_of_time_follows_the_clock(clock: FakeClock) -> None:
     assert not stop.out_of_time()
     clock.now += 0.1
     assert stop.out_of_time()
+
+
+# --- structured log fields (extra={"fields": ...}) ------------------------------------
+
+
+def fields_of(caplog: pytest.LogCaptureFixture, needle: str) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if needle in r.getMessage()]
+
+
+def test_each_batch_logs_its_counts_as_fields_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    store = FakeStore([make_rows(1, 2, 3, attempts={3: MAX_ATTEMPTS - 1})])
+    with caplog.at_level(logging.DEBUG, logger="pool.poller"):
+        make_poller(store, FakePublisher(reject={2: "bad", 3: "worse"})).run_once()
+    (record,) = [r for r in caplog.records if r.getMessage() == "batch done"]
+    assert record.levelno == logging.DEBUG
+    assert {k: v for k, v in record.fields.items() if k != "seconds"} == {
+        "claimed": 3, "reclaimed": 0, "published": 1, "acked": 1, "retried": 1, "dead": 1, "unsent": 0,
+    }
+    assert isinstance(record.fields["seconds"], float)
+
+
+def test_no_batch_line_above_debug(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="pool.poller"):
+        make_poller(FakeStore([make_rows(1, 2)])).run_once()
+    assert not caplog.records
+
+
+def test_a_dead_row_line_carries_its_id_attempts_and_error(caplog: pytest.LogCaptureFixture) -> None:
+    store = FakeStore([make_rows(1, attempts={1: MAX_ATTEMPTS - 1})])
+    with caplog.at_level(logging.WARNING, logger="pool.poller"):
+        make_poller(store, FakePublisher(reject={1: "name is NULL"})).run_once()
+    assert fields_of(caplog, "row 1 is dead") == [
+        {"event": "row_dead", "row_id": 1, "attempts": MAX_ATTEMPTS, "error": "name is NULL"}
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_a_lost_lease_line_carries_its_counts(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pool.poller"):
+        make_poller(FakeStore([make_rows(1, 2, 3)], lost=1)).run_once()
+    assert fields_of(caplog, "lease lost") == [{"event": "lease_lost", "lost": 1, "published": 3}]
+
+
+def test_broker_outage_lines_carry_the_error_and_how_long_it_lasted(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FakeStore([make_rows(1), make_rows(2), make_rows(3)])
+    publisher = FakePublisher(fail_at=1, broker_error="ConnectionError: refused")
+    poller = make_poller(store, publisher)
+    with caplog.at_level(logging.INFO, logger="pool.poller"):
+        poller.run_once()
+        clock.now += 4.0
+        poller.run_once()
+        clock.now += 3.5
+        publisher.fail_at = None
+        poller.run_once()
+    assert fields_of(caplog, "broker unavailable") == [
+        {"event": "broker_unavailable", "error": "ConnectionError: refused"}
+    ]
+    assert fields_of(caplog, "broker reachable again") == [{"event": "broker_reachable", "down_seconds": 7.5}]
+
+
+def test_database_outage_lines_carry_the_error_and_how_long_it_lasted(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    stop = RecordingStop()
+    store = FakeStore([db_error(), db_error(), make_rows(1)])
+
+    def on_claim(n: int) -> None:
+        clock.now += 2.0
+        if n == 3:
+            stop.request()
+
+    store.on_claim = on_claim
+    with caplog.at_level(logging.INFO, logger="pool.poller"):
+        make_poller(store, stop=stop).run()
+    (unavailable,) = fields_of(caplog, "database unavailable")
+    assert unavailable["event"] == "database_unavailable"
+    assert "could not connect to server" in unavailable["error"] and "noise" not in unavailable["error"]
+    assert fields_of(caplog, "database reachable again") == [
+        {"event": "database_reachable", "down_seconds": 4.0}
+    ]
+
+
+def test_backpressure_lines_carry_queue_depth_and_mark(
+    check_every_call: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    probe = ScriptedProbe([11, 4])
+    poller = make_poller(FakeStore(), probe=probe, backpressure_high=10, backpressure_low=5, queue="q1")
+    with caplog.at_level(logging.INFO, logger="pool.poller"):
+        poller._must_pause()
+        poller._must_pause()
+    assert fields_of(caplog, "pausing claims") == [
+        {"event": "backpressure_paused", "queue": "q1", "depth": 11, "high": 10}
+    ]
+    assert fields_of(caplog, "backpressure released") == [
+        {"event": "backpressure_released", "queue": "q1", "depth": 4, "low": 5}
+    ]
