@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pool.durations import parse_age
 from pool.errors import ConfigError
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -57,6 +58,8 @@ class Settings:
     columns: Columns = field(default_factory=Columns)
     log_level: str = "INFO"
     log_format: str = "text"
+    status_interval: float = 5.0
+    prune_processed_after: float = 0.0  # seconds; 0 = the coordinator never prunes
     retry_base_seconds: float = 1.0
     retry_cap_seconds: float = 300.0
     max_attempts: int = 5
@@ -86,6 +89,8 @@ ENVIRONMENT: dict[str, str] = {
     "table": "PULSE_DB_TABLE",
     "log_level": "PULSE_LOG_LEVEL",
     "log_format": "PULSE_LOG_FORMAT",
+    "status_interval": "PULSE_STATUS_INTERVAL",
+    "prune_processed_after": "PULSE_PRUNE_PROCESSED_AFTER",
     "retry_base_seconds": "PULSE_RETRY_BASE_SECONDS",
     "retry_cap_seconds": "PULSE_RETRY_CAP_SECONDS",
     "max_attempts": "PULSE_MAX_ATTEMPTS",
@@ -115,6 +120,16 @@ def _parse_float(env_name: str, raw: Any, minimum: float, maximum: float) -> flo
     if not minimum <= value <= maximum:  # also rejects NaN
         raise ConfigError(f"{env_name} must be between {minimum} and {maximum}, got {raw!r}")
     return value
+
+
+def _parse_age(env_name: str, raw: Any) -> float:
+    text = str(raw).strip()
+    if text in ("", "0", "off"):
+        return 0.0
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise ConfigError(f"{env_name}: {exc} (or 0 / off)") from None
 
 
 def _parse_identifier(env_name: str, raw: Any) -> str:
@@ -187,6 +202,10 @@ def _parse(key: str, raw: Any) -> Any:
         if value not in LOG_LEVELS:
             raise ConfigError(f"{env_name} must be one of {', '.join(LOG_LEVELS)}")
         return value
+    if key == "status_interval":
+        return _parse_float(env_name, raw, 0.1, 3600.0)
+    if key == "prune_processed_after":
+        return _parse_age(env_name, raw)
     if key == "log_format":
         value = str(raw).strip().lower()
         if value not in LOG_FORMATS:

@@ -20,3 +20,11 @@ def parse_age(text: str) -> float:
     if number < 0:
         raise ValueError("an age cannot be negative")
     return number * unit
+
+
+def describe_age(seconds: float) -> str:
+    """The shortest exact form parse_age reads back: 3600 -> '1h', 90 -> '90s'."""
+    for unit, size in sorted(AGE_UNITS.items(), key=lambda item: -item[1]):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"

@@ -107,7 +107,8 @@ def coordinator_main(settings: Settings, events: Connection) -> None:
     store = open_store(settings, pool_size=1)
     depth = QueueDepth(settings)
     collector = poller_collector()
-    monitor = StatusMonitor(settings, store, depth, collector.collect)
+    monitor = StatusMonitor(settings, store, depth, collector.collect, interval=settings.status_interval)
+    pruning = _periodic_prune(settings, store)
     try:
         server = serve(settings.metrics_host, settings.metrics_port,
                        CoordinatorApp(monitor, collector, ask_parent_to_reload))
@@ -119,10 +120,29 @@ def coordinator_main(settings: Settings, events: Connection) -> None:
         ))
         return
     monitor.start()
+    if pruning is not None:
+        pruning.start()
     _on_reload(events, lambda changes: setattr(monitor, "settings", monitor.settings.replace(**changes)))
     events.send(("ready", "coordinator", os.getpid(), server.server_port))
     stop.wait()
     server.shutdown()
+    if pruning is not None:
+        pruning.stop()
     monitor.stop()
     depth.close()
     store.close()
+
+
+PRUNE_EVERY_SECONDS = 600.0
+PRUNE_BATCH_ROWS = 5000
+
+
+def _periodic_prune(settings: Settings, store: Any) -> Any:
+    """With PULSE_PRUNE_PROCESSED_AFTER set, the coordinator deletes old processed rows itself."""
+    if not settings.prune_processed_after:
+        return None
+    from pool.durations import describe_age
+    from pool.retention import PeriodicPrune, Pruner
+
+    age = settings.prune_processed_after
+    return PeriodicPrune(Pruner(store, age, PRUNE_BATCH_ROWS), PRUNE_EVERY_SECONDS, describe_age(age))

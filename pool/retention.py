@@ -5,8 +5,14 @@ callback, and a long-lived process can run the same loop and stop it between bat
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from typing import Protocol
+
+from pool.store.base import first_line
+
+log = logging.getLogger(__name__)
 
 
 class PrunableStore(Protocol):
@@ -41,3 +47,34 @@ class Pruner:
             if deleted < self.batch_rows:
                 break
         return total
+
+
+class PeriodicPrune:
+    """The coordinator's automatic retention: one Pruner run now and every `every` seconds after,
+    in a thread of its own, until stop()."""
+
+    def __init__(self, pruner: Pruner, every: float, describe_age: str) -> None:
+        self.pruner = pruner
+        self.every = every
+        self.describe_age = describe_age
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="periodic-prune", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                deleted = self.pruner.run(should_stop=self._stop.is_set)
+            except Exception as exc:  # noqa: BLE001 - a database outage must not end retention
+                log.warning("pruning failed, trying again in %.0f s: %s", self.every, first_line(exc))
+            else:
+                if deleted:
+                    log.info("pruned %d processed rows older than %s", deleted, self.describe_age)
+            self._stop.wait(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
