@@ -100,9 +100,9 @@ class Snapshot:
 
     def problems(self) -> list[str]:
         """Why the pool is not healthy; empty when it is."""
-        found = []
         if not self.refreshed_at:
-            found.append("no status yet")
+            return ["no status yet"]
+        found = []
         if not self.database_ok:
             found.append(f"database unreachable: {self.database_error}")
         if not self.broker_ok:

@@ -5,5 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+# The status page is checked in a headless Chromium; Debian's package, if root may install it.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+        || echo "test.sh: could not install chromium; the status page test says what it needs" >&2
+fi
 .venv/bin/ruff check .
 .venv/bin/pytest "$@"

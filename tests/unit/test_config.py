@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pool.config import ENVIRONMENT, RELAY_COLUMNS, Columns, Settings, load_settings
@@ -533,3 +535,48 @@ def test_backpressure_high_0_turns_it_off_whatever_low_is(low: str) -> None:
     settings = load_settings(environ={"PULSE_BACKPRESSURE_HIGH": "0", "PULSE_BACKPRESSURE_LOW": low})
     assert settings.backpressure_high == 0
     assert settings.backpressure_low == int(low)
+
+
+# --- settings file (PULSE_CONFIG) ------------------------------------------------------
+
+
+def test_a_settings_file_sits_between_defaults_and_the_environment(tmp_path) -> None:
+    config = tmp_path / "pool.toml"
+    config.write_text('batch_size = 1000\ndb_poll_interval = 0.5\ndb_table = "events"\nlog_level = "debug"\n')
+    settings = load_settings(environ={"PULSE_CONFIG": str(config), "PULSE_BATCH_SIZE": "20"})
+    assert settings.batch_size == 20  # the environment beats the file
+    assert (settings.poll_interval, settings.table, settings.log_level) == (0.5, "events", "DEBUG")
+    flagged = load_settings(environ={}, overrides={"config": str(config), "poll_interval": "2"})
+    assert (flagged.batch_size, flagged.poll_interval) == (1000, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("batch_size = 'many'", "PULSE_BATCH_SIZE must be an integer"),
+        ("no_such_thing = 1", "unknown setting 'no_such_thing'"),
+        ("batch_size = [1]", "must be a string or a number"),
+        ("batch_size = true", "must be a string or a number"),
+        ("batch_size = ", "is not valid TOML"),
+    ],
+)
+def test_a_bad_settings_file_is_one_config_error(tmp_path, content: str, message: str) -> None:
+    config = tmp_path / "pool.toml"
+    config.write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(environ={"PULSE_CONFIG": str(config)})
+
+
+def test_a_missing_settings_file_says_which(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="PULSE_CONFIG: cannot read .*nope.toml"):
+        load_settings(environ={"PULSE_CONFIG": str(tmp_path / "nope.toml")})
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("7d", 604800.0), ("90s", 90.0), ("0", 0.0), ("off", 0.0)])
+def test_prune_age_reads_durations(raw: str, seconds: float) -> None:
+    assert load_settings(environ={"PULSE_PRUNE_PROCESSED_AFTER": raw}).prune_processed_after == seconds
+
+
+def test_a_bad_prune_age_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="PULSE_PRUNE_PROCESSED_AFTER: 'soon' is not an age"):
+        load_settings(environ={"PULSE_PRUNE_PROCESSED_AFTER": "soon"})

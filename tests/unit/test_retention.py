@@ -60,3 +60,43 @@ def test_parse_age_refuses_anything_else_in_one_line(text: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_age(text)
     assert "\n" not in str(caught.value)
+
+
+# --- the coordinator's periodic run ---------------------------------------------------
+
+
+def test_periodic_prune_runs_at_once_then_waits_and_survives_a_failure(caplog) -> None:
+    import logging
+    import threading
+
+    from pool.retention import PeriodicPrune
+
+    calls: list[int] = []
+    second_run = threading.Event()
+
+    class FlakyStore:
+        def prune_processed(self, older_than_seconds: float, batch_rows: int) -> int:
+            calls.append(batch_rows)
+            if len(calls) == 1:
+                return 3  # a short batch: the first run ends here
+            if len(calls) == 2:
+                raise OSError("database went away")
+            second_run.set()
+            return 0
+
+    periodic = PeriodicPrune(Pruner(FlakyStore(), 3600, 10), every=0.01, describe_age="1h")
+    with caplog.at_level(logging.INFO, logger="pool.retention"):
+        periodic.start()
+        assert second_run.wait(10), "the run after a failure never came"
+        periodic.stop()
+    assert "pruned 3 processed rows older than 1h" in caplog.messages
+    assert any("pruning failed" in m and "database went away" in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(3600, "1h"), (90, "90s"), (604800, "1w"), (172800, "2d"),
+                                               (5400, "90m"), (1.5, "1.5s")])
+def test_describe_age_is_the_shortest_exact_form(seconds: float, text: str) -> None:
+    from pool.durations import describe_age, parse_age
+
+    assert describe_age(seconds) == text
+    assert parse_age(text) == seconds

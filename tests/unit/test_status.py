@@ -1,0 +1,192 @@
+"""The coordinator's status: how pollers, totals and rates are read from metric samples, what
+counts as healthy and ready, and the HTTP routes that serve them."""
+
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+from typing import Any
+
+from pool.config import load_settings
+from pool.coordinator import CoordinatorApp
+from pool.status import StatusMonitor, build_pollers, sum_totals
+from pool.status_client import StatusReport, coordinator_url
+from pool.store.base import BacklogStats, Counts, DeadRow
+
+
+def settings(**overrides: Any):
+    return load_settings(environ={}, overrides={"workers": 2, **overrides})
+
+
+def family(*samples: tuple[str, dict[str, str], float]) -> SimpleNamespace:
+    return SimpleNamespace(samples=[SimpleNamespace(name=n, labels=labels, value=v)
+                                    for n, labels, v in samples])
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.fail = False
+        self.stats = BacklogStats(backlog=7, oldest_age_seconds=3.5, dead=1, by_shard={0: 3, 1: 4})
+
+    def backlog_stats(self, shard_count: int) -> BacklogStats:
+        assert shard_count == 2
+        if self.fail:
+            raise OSError("connection refused")
+        return self.stats
+
+    def list_dead(self, limit: int = 100) -> list[DeadRow]:
+        return [DeadRow(id=9, attempts=5, last_error="name is NULL", age_seconds=12.0)]
+
+
+class FakeDepth:
+    def __init__(self, depth: int | None = 42) -> None:
+        self.value = depth
+
+    def depth(self) -> int | None:
+        return self.value
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def poller_samples(now: float, acked: dict[str, float]) -> list[SimpleNamespace]:
+    samples = []
+    for worker, count in acked.items():
+        samples += [
+            ("pool_poller_heartbeat_timestamp_seconds", {"worker": worker}, now - 0.5),
+            ("pool_poller_pid", {"worker": worker}, 100 + int(worker)),
+            ("pool_poller_batch_size", {"worker": worker}, 500),
+            ("pool_poller_poll_interval_seconds", {"worker": worker}, 1.0),
+            ("pool_signals_acked_total", {"worker": worker}, count),
+            ("pool_publish_errors_total", {"worker": worker, "reason": "unsent"}, 2),
+        ]
+    return [family(*samples)]
+
+
+def test_pollers_come_from_their_metric_samples_and_a_missing_one_is_down() -> None:
+    samples = [(s.name, s.labels, s.value) for f in poller_samples(1000.0, {"0": 10}) for s in f.samples]
+    pollers = build_pollers(samples, settings(), now=1000.0)
+    assert [(p.worker, p.live, p.pid, p.shards) for p in pollers] == [
+        (0, True, 100, [0]), (1, False, None, [1])]
+    assert pollers[0].heartbeat_age_seconds == 0.5 and pollers[0].batch_size == 500
+
+
+def test_a_poller_whose_heartbeat_stopped_is_not_live() -> None:
+    samples = [("pool_poller_heartbeat_timestamp_seconds", {"worker": "0"}, 900.0)]
+    (poller, _other) = build_pollers(samples, settings(), now=1000.0)
+    assert not poller.live and poller.heartbeat_age_seconds == 100.0
+
+
+def test_totals_add_up_over_workers_and_reasons() -> None:
+    samples = [("pool_signals_acked_total", {"worker": "0"}, 5.0),
+               ("pool_signals_acked_total", {"worker": "1"}, 6.0),
+               ("pool_publish_errors_total", {"worker": "0", "reason": "unsent"}, 2.0),
+               ("pool_publish_errors_total", {"worker": "0", "reason": "rejected"}, 1.0)]
+    totals = sum_totals(samples)
+    assert totals["acked"] == 11 and totals["publish_errors"] == 3 and totals["dead"] == 0
+
+
+def test_refresh_computes_rates_from_counter_deltas_and_keeps_history() -> None:
+    clock, store = Clock(), FakeStore()
+    acked = {"0": 100.0, "1": 50.0}
+    monitor = StatusMonitor(settings(), store, FakeDepth(), lambda: poller_samples(clock.now, acked),
+                            interval=5.0, clock=clock)
+    first = monitor.refresh()
+    assert first.rows_per_second == 0.0  # nothing to compare with yet
+    clock.now += 5.0
+    acked.update({"0": 600.0, "1": 50.0})
+    snap = monitor.refresh()
+    assert [p.rows_per_second for p in snap.pollers] == [100.0, 0.0]
+    assert snap.rows_per_second == 100.0
+    assert (snap.backlog, snap.lag_seconds, snap.dead, snap.queue_depth) == (7, 3.5, 1, 42)
+    assert [h["rows_per_second"] for h in snap.history] == [0.0, 100.0]
+    assert snap.problems() == [] and snap.ready()
+    data = snap.as_dict()
+    assert data["healthy"] and data["pollers_live"] == 2
+    assert data["shards"] == [{"shard": 0, "backlog": 3}, {"shard": 1, "backlog": 4}]
+    assert data["dead_letters"][0]["last_error"] == "name is NULL"
+
+
+def test_a_database_or_broker_outage_makes_it_unready_without_stopping_the_monitor() -> None:
+    clock, store, depth = Clock(), FakeStore(), FakeDepth()
+    monitor = StatusMonitor(settings(), store, depth, lambda: poller_samples(clock.now, {"0": 1, "1": 1}),
+                            clock=clock)
+    store.fail = True
+    snap = monitor.refresh()
+    assert not snap.database_ok and snap.database_error == "connection refused"
+    assert not snap.ready() and any("database unreachable" in p for p in snap.problems())
+    store.fail, depth.value = False, None
+    snap = monitor.refresh()
+    assert snap.database_ok and not snap.broker_ok and not snap.ready()
+
+
+def call(app: CoordinatorApp, path: str, method: str = "GET") -> tuple[str, dict]:
+    seen: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list) -> None:
+        seen["status"], seen["headers"] = status, dict(headers)
+
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": method, "wsgi.input": io.BytesIO(b""), "QUERY_STRING": "",
+               "SERVER_NAME": "x", "SERVER_PORT": "1", "wsgi.url_scheme": "http"}
+    body = b"".join(app(environ, start_response))
+    content_type = seen["headers"].get("Content-Type", "")
+    return seen["status"], json.loads(body) if "json" in content_type else {"text": body.decode()}
+
+
+def test_routes_health_readiness_status_page_and_reload() -> None:
+    clock = Clock()
+    monitor = StatusMonitor(settings(), FakeStore(), FakeDepth(), lambda: poller_samples(clock.now, {"0": 3}),
+                            clock=clock)
+    reloads = []
+    class NoPollerFiles:
+        def collect(self) -> list:
+            return []
+
+    collector = NoPollerFiles()
+    app = CoordinatorApp(monitor, collector, lambda: reloads.append(1))
+    assert call(app, "/healthz") == ("200 OK", {"status": "ok"})
+    status, body = call(app, "/readyz")
+    assert status.startswith("503") and body == {"ready": False, "problems": ["no status yet"]}
+    monitor.refresh()
+    status, body = call(app, "/readyz")
+    # One of two pollers is live: ready (it relays), but not healthy.
+    assert status == "200 OK" and body == {"ready": True, "problems": ["1 of 2 pollers live"]}
+    assert call(app, "/status.json")[1]["backlog"] == 7
+    assert "<canvas" in call(app, "/")[1]["text"]
+    assert "fetch(\"/status.json\"" in call(app, "/static/status.js")[1]["text"]
+    assert call(app, "/metrics")[1]["text"].count("pool_backlog_rows 7.0") == 1
+    assert call(app, "/-/reload")[0].startswith("405") and reloads == []
+    assert call(app, "/-/reload", "POST")[0] == "202 Accepted" and reloads == [1]
+    assert call(app, "/nope")[0].startswith("404")
+
+
+def test_status_report_lines_and_health() -> None:
+    counts = Counts(processed=1200, unprocessed=3, dead=1)
+    down = StatusReport(counts, "http://127.0.0.1:9200", None, "no coordinator answers at http://127.0.0.1:9200")
+    assert not down.healthy
+    assert down.lines() == ["pool: UNHEALTHY: no coordinator answers at http://127.0.0.1:9200",
+                            "rows: 1,200 processed, 3 unprocessed, 1 dead"]
+    clock = Clock()
+    monitor = StatusMonitor(settings(), FakeStore(), FakeDepth(),
+                            lambda: poller_samples(clock.now, {"0": 3, "1": 4}), clock=clock)
+    snap = monitor.refresh().as_dict()
+    snap["refreshed_at"] = __import__("time").time()
+    up = StatusReport(counts, "http://127.0.0.1:9200", snap, None)
+    text = "\n".join(up.lines())
+    assert up.healthy and text.startswith("pool: healthy\n")
+    assert "backlog: 7 rows, lag 3.5 s" in text and "broker queue celery: 42 messages" in text
+    assert "pollers: 2 of 2 live" in text
+    assert up.as_dict()["processed"] == 1200
+
+
+def test_coordinator_url_from_settings() -> None:
+    assert coordinator_url(settings()) == "http://127.0.0.1:9200"
+    assert coordinator_url(settings(metrics_host="0.0.0.0", metrics_port="9300")) == "http://127.0.0.1:9300"
+    assert coordinator_url(settings(metrics_port="0")) is None
+    assert coordinator_url(settings(metrics_port="0"), "http://h:1/") == "http://h:1"
