@@ -181,7 +181,6 @@ def status(settings: Any, as_json: bool, url: str | None) -> None:
 @with_settings([("--metrics-port", "metrics_port", str), ("--metrics-host", "metrics_host", str)])
 def reload(settings: Any, url: str | None) -> None:
     """Make a running `pool start` re-read its settings, as SIGHUP does."""
-    from pool.errors import ConfigError
     from pool.status_client import coordinator_url, request_reload
 
     base = coordinator_url(settings, url)
@@ -274,7 +273,7 @@ def dead_purge(settings: Any, older_than: str, yes: bool) -> None:
     try:
         seconds = parse_age(older_than)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise ConfigError(f"--older-than: {exc}") from None
     if not yes:
         click.confirm(f"delete dead rows older than {older_than} from {settings.table}?", abort=True)
     with _store(settings) as store:

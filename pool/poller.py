@@ -207,7 +207,6 @@ class Poller:
         """Claim, publish and settle one batch. Returns how many rows were claimed."""
         started = time.perf_counter()
         s = self.settings
-        self.hooks.loop(s)
         claim = self.store.claim(self.identity.owner, self.identity.shard_count, self.identity.index,
                                  s.batch_size, s.lease_seconds)
         claimed_at = time.perf_counter()
@@ -325,6 +324,8 @@ class Poller:
             self.wake.listen()
         db_backoff = broker_backoff = BACKOFF_START
         while not self.stop.is_set():
+            # Alive, and with these settings: said on every turn, paused or failing ones too.
+            self.hooks.loop(self.settings)
             if self._must_pause():
                 self.stop.wait(min(self.settings.poll_interval, DEPTH_CHECK_INTERVAL))
                 continue

@@ -72,6 +72,15 @@ class PollerStatus:
     paused: bool = False
     acked: float = 0.0
 
+    @property
+    def state(self) -> str:
+        """running, paused (backpressure), stalled (no loop for too long) or down (no process)."""
+        if self.heartbeat_age_seconds is None:
+            return "down"
+        if not self.live:
+            return "stalled"
+        return "paused" if self.paused else "running"
+
 
 @dataclass
 class Snapshot:
@@ -117,6 +126,8 @@ class Snapshot:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        for poller, shown in zip(self.pollers, data["pollers"], strict=True):
+            shown["state"] = poller.state
         data["shards"] = [{"shard": s, "backlog": n} for s, n in sorted(self.shards.items())]
         data["pollers_live"] = self.pollers_live
         data["healthy"] = not self.problems()

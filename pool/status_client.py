@@ -90,7 +90,7 @@ class StatusReport:
         header = ("poller", "pid", "shards", "state", "heartbeat", "rows/s", "batch", "poll", "relayed")
         rows = [header] + [(
             f"poller-{p['worker']}", str(p["pid"] or "-"), ",".join(map(str, p["shards"])),
-            "down" if not p["live"] else "paused" if p["paused"] else "running",
+            p["state"],
             _seconds(p["heartbeat_age_seconds"]), f"{p['rows_per_second']:,.0f}",
             _count(p["batch_size"]), _seconds(p["poll_interval"]), _count(p["acked"]),
         ) for p in s["pollers"]]

@@ -93,7 +93,7 @@ function render(s) {
     cell("poller-" + p.worker, "text"),
     cell(p.pid === null ? "–" : String(p.pid)),
     cell(p.shards.join(", ")),
-    cell(!p.live ? "down" : p.paused ? "paused" : "running", "text"),
+    cell(p.state, "text"),
     cell(fmtSeconds(p.heartbeat_age_seconds)),
     cell(fmtInt(p.rows_per_second)),
     cell(fmtInt(p.batch_size)),

@@ -119,7 +119,9 @@ def test_dead_letter_commands_list_requeue_and_purge(db_url, tmp_path):
     purge = ("dead", "purge", "--yes", "--older-than")
     assert run_pool(*purge, "1d", env=env).stdout.strip() == "purged 0 dead row(s)"
     assert run_pool(*purge, "0s", env=env).stdout.strip() == "purged 2 dead row(s)"
-    assert run_pool(*purge, "soon", env=env).returncode == 2
+    refused = run_pool(*purge, "soon", env=env)
+    assert refused.returncode == 2
+    assert refused.stderr == "pool: error: --older-than: 'soon' is not an age like 30m, 12h or 7d\n"
     assert store.count_dead() == 0 and store.counts().processed + store.counts().unprocessed == 3
     assert run_pool("dead", "requeue", "--all", env=env).stdout.strip() == "requeued 0 dead row(s)"
     store.close()

@@ -410,6 +410,16 @@ def test_every_loop_reports_liveness_settings_and_the_claim() -> None:
     assert hooks.claims == [(2, 0), (0, 0)]  # empty claims are reported too (claim latency)
 
 
+def test_a_poller_paused_by_backpressure_still_reports_that_it_is_alive(check_every_call: None) -> None:
+    stop, hooks = RecordingStop(), RecordingHooks()
+    store = FakeStore([make_rows(1)])
+    store.on_claim = lambda n: stop.request()
+    probe = ScriptedProbe([20, 20, 20, 1])
+    make_poller(store, stop=stop, hooks=hooks, probe=probe, backpressure_high=10, backpressure_low=5).run()
+    assert len(hooks.loops) == 4  # three paused turns and the one that claimed
+    assert hooks.claims == [(1, 0)]
+
+
 def test_each_batch_is_settled_under_its_own_lease() -> None:
     store = FakeStore([make_rows(1, 2), make_rows(3)])
     poller = make_poller(store)

@@ -79,8 +79,9 @@ def test_pollers_come_from_their_metric_samples_and_a_missing_one_is_down() -> N
 
 def test_a_poller_whose_heartbeat_stopped_is_not_live() -> None:
     samples = [("pool_poller_heartbeat_timestamp_seconds", {"worker": "0"}, 900.0)]
-    (poller, _other) = build_pollers(samples, settings(), now=1000.0)
-    assert not poller.live and poller.heartbeat_age_seconds == 100.0
+    (stuck, gone) = build_pollers(samples, settings(), now=1000.0)
+    assert not stuck.live and stuck.heartbeat_age_seconds == 100.0
+    assert (stuck.state, gone.state) == ("stalled", "down")
 
 
 def test_totals_add_up_over_workers_and_reasons() -> None:
