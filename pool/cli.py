@@ -29,6 +29,7 @@ SETTING_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
 ]
 START_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
     ("--workers", "workers", str),
+    ("--host-id", "host_id", str),
     ("--batch-size", "batch_size", str),
     ("--poll-interval", "poll_interval", str),
     ("--busy-poll-interval", "busy_poll_interval", str),
@@ -74,7 +75,7 @@ def cli() -> None:
 @click.option("--notify", is_flag=True,
               help="PostgreSQL: add an insert trigger whose NOTIFY wakes idle pollers at once. It costs "
                    "inserting clients a database-wide lock at each commit; see the README.")
-@with_settings([])
+@with_settings([("--shards", "shards", str)])
 def init_db(settings: Any, notify: bool) -> None:
     """Create the signals table, or add the relay's columns and index to an existing one."""
     with _store(settings, check=False) as store:

@@ -15,6 +15,7 @@ from pool.errors import ConfigError
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+HOST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "kv", "json")
 CONFIG_FILE_VARIABLE = "PULSE_CONFIG"
@@ -59,6 +60,9 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     status_interval: float = 5.0
+    shards: int = 64  # rows belong to shard id % shards; fixed per table by `pool init-db`
+    shard_lease_seconds: float = 15.0
+    host_id: str = ""  # empty: this machine's hostname
     prune_processed_after: float = 0.0  # seconds; 0 = the coordinator never prunes
     retry_base_seconds: float = 1.0
     retry_cap_seconds: float = 300.0
@@ -90,6 +94,9 @@ ENVIRONMENT: dict[str, str] = {
     "log_level": "PULSE_LOG_LEVEL",
     "log_format": "PULSE_LOG_FORMAT",
     "status_interval": "PULSE_STATUS_INTERVAL",
+    "shards": "PULSE_SHARDS",
+    "shard_lease_seconds": "PULSE_SHARD_LEASE_SECONDS",
+    "host_id": "PULSE_HOST_ID",
     "prune_processed_after": "PULSE_PRUNE_PROCESSED_AFTER",
     "retry_base_seconds": "PULSE_RETRY_BASE_SECONDS",
     "retry_cap_seconds": "PULSE_RETRY_CAP_SECONDS",
@@ -204,6 +211,15 @@ def _parse(key: str, raw: Any) -> Any:
         return value
     if key == "status_interval":
         return _parse_float(env_name, raw, 0.1, 3600.0)
+    if key == "shards":
+        return _parse_int(env_name, raw, 1, 4096)
+    if key == "shard_lease_seconds":
+        return _parse_float(env_name, raw, 1.0, 3600.0)
+    if key == "host_id":
+        value = str(raw).strip()
+        if not HOST_ID.match(value):
+            raise ConfigError(f"{env_name} must be 1-100 characters of A-Z a-z 0-9 _ . -, got {value!r}")
+        return value
     if key == "prune_processed_after":
         return _parse_age(env_name, raw)
     if key == "log_format":

@@ -56,6 +56,9 @@ POLL_INTERVAL_SETTING = Gauge(
     "pool_poller_poll_interval_seconds", "Idle poll interval the poller uses now (changes on reload)",
     ["worker"], multiprocess_mode="livemax",
 )
+SHARDS_HELD = Gauge(
+    "pool_poller_shards", "Shards the poller holds leases on", ["worker"], multiprocess_mode="livemax",
+)
 BATCH_SECONDS = Histogram(
     "pool_batch_duration_seconds", "Claim + publish + ack time of one non-empty batch", ["worker"],
     buckets=LATENCY_BUCKETS,
@@ -107,14 +110,16 @@ class PrometheusHooks:
         PID.labels(label).set(os.getpid())
         self._batch_size = BATCH_SIZE_SETTING.labels(label)
         self._poll_interval = POLL_INTERVAL_SETTING.labels(label)
+        self._shards = SHARDS_HELD.labels(label)
         self._batch = BATCH_SECONDS.labels(label)
         self._claim = CLAIM_SECONDS.labels(label)
         self._publish = PUBLISH_SECONDS.labels(label)
         self._ack = ACK_SECONDS.labels(label)
         self._rows = BATCH_ROWS.labels(label)
 
-    def loop(self, settings: Settings) -> None:
+    def loop(self, settings: Settings, shards: int) -> None:
         self._heartbeat.set(time.time())
+        self._shards.set(shards)
         self._batch_size.set(settings.batch_size)
         self._poll_interval.set(settings.poll_interval)
 

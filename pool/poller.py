@@ -69,8 +69,8 @@ class BatchOutcome:
 class PollerHooks(Protocol):
     """What the poller reports; metrics plug in here so the loop never imports them."""
 
-    def loop(self, settings: Settings) -> None:
-        """Once per loop: the poller is alive, and these are the settings it uses now."""
+    def loop(self, settings: Settings, shards: int) -> None:
+        """Once per loop: the poller is alive, uses these settings and holds this many shards."""
         ...
 
     def claimed(self, rows: int, reclaimed: int, seconds: float) -> None: ...
@@ -83,7 +83,7 @@ class PollerHooks(Protocol):
 
 
 class NoHooks:
-    def loop(self, settings: Settings) -> None:
+    def loop(self, settings: Settings, shards: int) -> None:
         pass
 
     def claimed(self, rows: int, reclaimed: int, seconds: float) -> None:
@@ -108,6 +108,30 @@ class PollerIdentity:
     owner: str
     index: int
     shard_count: int
+
+
+class ShardSource(Protocol):
+    """Which shards the poller claims from; pool.shards.ShardKeeper follows leases in the
+    database, FixedShards is a fixed set."""
+
+    shard_count: int
+    held: list[int]
+
+    def shards(self) -> list[int]: ...
+
+    def leave(self) -> None: ...
+
+
+class FixedShards:
+    def __init__(self, shard_count: int, shards: list[int]) -> None:
+        self.shard_count = shard_count
+        self.held = shards
+
+    def shards(self) -> list[int]:
+        return self.held
+
+    def leave(self) -> None:
+        pass
 
 
 class LeaseHeartbeat:
@@ -184,10 +208,12 @@ class Poller:
         hooks: PollerHooks | None = None,
         depth_probe: DepthProbe | None = None,
         rng: random.Random | None = None,
+        shards: ShardSource | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.identity = identity
+        self.shard_source = shards or FixedShards(identity.shard_count, [identity.index])
         self.settings = settings
         self.stop = stop
         self.hooks = hooks or NoHooks()
@@ -207,7 +233,9 @@ class Poller:
         """Claim, publish and settle one batch. Returns how many rows were claimed."""
         started = time.perf_counter()
         s = self.settings
-        claim = self.store.claim(self.identity.owner, self.identity.shard_count, self.identity.index,
+        # Leases are renewed and shares rebalanced here, between batches.
+        held = self.shard_source.shards()
+        claim = self.store.claim(self.identity.owner, self.shard_source.shard_count, held,
                                  s.batch_size, s.lease_seconds)
         claimed_at = time.perf_counter()
         self.hooks.claimed(len(claim.rows), claim.reclaimed, claimed_at - started)
@@ -325,7 +353,7 @@ class Poller:
         db_backoff = broker_backoff = BACKOFF_START
         while not self.stop.is_set():
             # Alive, and with these settings: said on every turn, paused or failing ones too.
-            self.hooks.loop(self.settings)
+            self.hooks.loop(self.settings, len(self.shard_source.held))
             if self._must_pause():
                 self.stop.wait(min(self.settings.poll_interval, DEPTH_CHECK_INTERVAL))
                 continue
@@ -378,6 +406,7 @@ class Poller:
 
     def close(self) -> None:
         self.heartbeat.close()
+        self.shard_source.leave()
         if self.wake is not None:
             self.wake.close()
 

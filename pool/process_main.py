@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -70,16 +69,17 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     from pool.poller import Poller, PollerIdentity
     from pool.publisher import create_publisher
     from pool.queue_depth import QueueDepth
+    from pool.shards import ShardKeeper, host_id
     from pool.store import open_store
 
     use_worker_files(worker_slot(index))
     store = open_store(settings)
     publisher = create_publisher(settings)
     depth = QueueDepth(settings)
-    identity = PollerIdentity(
-        owner=f"{socket.gethostname()}:{os.getpid()}:{index}", index=index, shard_count=shard_count
-    )
-    poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth)
+    host = host_id(settings.host_id)
+    keeper = ShardKeeper(store, host, worker_slot(index), settings.shard_lease_seconds)
+    identity = PollerIdentity(owner=f"{host}:{os.getpid()}:{index}", index=index, shard_count=shard_count)
+    poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth, shards=keeper)
     # The loop reads poller.settings afresh for every batch: one assignment swaps them.
     _on_reload(events, lambda changes: setattr(poller, "settings", poller.settings.replace(**changes)))
     events.send(("ready", worker_slot(index), os.getpid(), None))

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from pool.config import Settings
+from pool.shards import host_id, member_name
 from pool.store.base import BacklogStats, DeadRow, first_line
+from pool.store.shards import Member, ShardOwner
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,11 @@ POLLER_GAUGES = {
 
 
 class StatusStore(Protocol):
+    def shard_count(self) -> int: ...
+
     def backlog_stats(self, shard_count: int) -> BacklogStats: ...
+
+    def cluster(self, ttl: float) -> tuple[list[Member], list[ShardOwner]]: ...
 
     def list_dead(self, limit: int = 100) -> list[DeadRow]: ...
 
@@ -96,6 +102,9 @@ class Snapshot:
     lag_seconds: float | None = None
     dead: int | None = None
     shards: dict[int, int] = field(default_factory=dict)
+    shard_owners: dict[int, str | None] = field(default_factory=dict)
+    members: list[Member] = field(default_factory=list)
+    host: str = ""
     pollers: list[PollerStatus] = field(default_factory=list)
     pollers_expected: int = 0
     totals: dict[str, float] = field(default_factory=dict)
@@ -106,6 +115,20 @@ class Snapshot:
     @property
     def pollers_live(self) -> int:
         return sum(p.live for p in self.pollers)
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Every host with live pollers on this table: its pollers and how many shards they hold."""
+        held: dict[str, int] = {}
+        for owner in self.shard_owners.values():
+            if owner:
+                held[owner] = held.get(owner, 0) + 1
+        hosts: dict[str, dict[str, Any]] = {}
+        for m in self.members:
+            if m.live:
+                entry = hosts.setdefault(m.host, {"host": m.host, "pollers": 0, "shards": 0})
+                entry["pollers"] += 1
+                entry["shards"] += held.get(m.member, 0)
+        return [hosts[h] for h in sorted(hosts)]
 
     def problems(self) -> list[str]:
         """Why the pool is not healthy; empty when it is."""
@@ -128,7 +151,9 @@ class Snapshot:
         data = asdict(self)
         for poller, shown in zip(self.pollers, data["pollers"], strict=True):
             shown["state"] = poller.state
-        data["shards"] = [{"shard": s, "backlog": n} for s, n in sorted(self.shards.items())]
+        data["shards"] = [{"shard": s, "backlog": n, "owner": self.shard_owners.get(s)}
+                          for s, n in sorted(self.shards.items())]
+        data["hosts"] = self.hosts()
         data["pollers_live"] = self.pollers_live
         data["healthy"] = not self.problems()
         data["ready"] = self.ready()
@@ -146,7 +171,13 @@ def live_after(settings: Settings) -> float:
     return max(15.0, 3 * settings.poll_interval)
 
 
-def build_pollers(samples: list[Sample], settings: Settings, now: float) -> list[PollerStatus]:
+def build_pollers(samples: list[Sample], settings: Settings, now: float,
+                  owners: dict[int, str | None] | None = None) -> list[PollerStatus]:
+    host = host_id(settings.host_id)
+    by_member: dict[str, list[int]] = {}
+    for shard, owner in sorted((owners or {}).items()):
+        if owner:
+            by_member.setdefault(owner, []).append(shard)
     by_worker: dict[int, dict[str, float]] = {}
     for name, labels, value in samples:
         worker = labels.get("worker")
@@ -164,8 +195,7 @@ def build_pollers(samples: list[Sample], settings: Settings, now: float) -> list
         age = None if heartbeat is None else max(0.0, now - heartbeat)
         pollers.append(PollerStatus(
             worker=worker,
-            # Poller k of N relays the rows with id % N = k.
-            shards=[worker],
+            shards=by_member.get(member_name(host, f"poller-{worker}"), []),
             live=age is not None and age <= live_after(settings),
             pid=int(fields["pid"]) if "pid" in fields else None,
             heartbeat_age_seconds=age,
@@ -203,6 +233,7 @@ class StatusMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._shard_count = 0
 
     def current(self) -> Snapshot:
         with self._lock:
@@ -212,9 +243,13 @@ class StatusMonitor:
         now = self.clock()
         previous = self.current()
         snap = Snapshot(refreshed_at=now, interval=self.interval, queue=self.settings.queue,
-                        pollers_expected=self.settings.workers)
+                        pollers_expected=self.settings.workers, host=host_id(self.settings.host_id))
         try:
-            stats = self.store.backlog_stats(self.settings.workers)
+            if not self._shard_count:
+                self._shard_count = self.store.shard_count()  # fixed per table
+            stats = self.store.backlog_stats(self._shard_count)
+            snap.members, owners = self.store.cluster(self.settings.shard_lease_seconds)
+            snap.shard_owners = {o.shard: o.owner for o in owners}
             snap.dead_letters = self.store.list_dead(DEAD_LETTERS_SHOWN)
             snap.database_ok = True
             snap.backlog, snap.lag_seconds, snap.dead = stats.backlog, stats.oldest_age_seconds, stats.dead
@@ -229,7 +264,7 @@ class StatusMonitor:
             snap.broker_error = "cannot read the queue depth"
         samples = read_samples(self.collect)
         snap.totals = sum_totals(samples)
-        snap.pollers = build_pollers(samples, self.settings, now)
+        snap.pollers = build_pollers(samples, self.settings, now, snap.shard_owners)
         elapsed = now - previous.refreshed_at if previous.refreshed_at else 0.0
         if elapsed > 0:
             before = {p.worker: p.acked for p in previous.pollers}

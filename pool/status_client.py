@@ -86,10 +86,13 @@ class StatusReport:
         depth = "unknown" if s["queue_depth"] is None else f"{s['queue_depth']:,} messages"
         out.append(f"backlog: {_count(s['backlog'])} rows, lag {_seconds(s['lag_seconds'])},"
                    f" relaying {s['rows_per_second']:,.0f} rows/s; broker queue {s['queue']}: {depth}")
-        out.append(f"pollers: {s['pollers_live']} of {s['pollers_expected']} live")
+        held = sum(1 for shard in s["shards"] if shard["owner"])
+        hosts = ", ".join(f"{h['host']} ({h['pollers']} pollers, {h['shards']} shards)" for h in s["hosts"])
+        out.append(f"shards: {held} of {len(s['shards'])} held; hosts: {hosts or 'none live'}")
+        out.append(f"pollers on this host ({s['host']}): {s['pollers_live']} of {s['pollers_expected']} live")
         header = ("poller", "pid", "shards", "state", "heartbeat", "rows/s", "batch", "poll", "relayed")
         rows = [header] + [(
-            f"poller-{p['worker']}", str(p["pid"] or "-"), ",".join(map(str, p["shards"])),
+            f"poller-{p['worker']}", str(p["pid"] or "-"), str(len(p["shards"])),
             p["state"],
             _seconds(p["heartbeat_age_seconds"]), f"{p['rows_per_second']:,.0f}",
             _count(p["batch_size"]), _seconds(p["poll_interval"]), _count(p["acked"]),

@@ -92,7 +92,7 @@ function render(s) {
   fillTable("pollers", s.pollers, p => [
     cell("poller-" + p.worker, "text"),
     cell(p.pid === null ? "–" : String(p.pid)),
-    cell(p.shards.join(", ")),
+    Object.assign(cell(String(p.shards.length)), {title: p.shards.join(", ")}),
     cell(p.state, "text"),
     cell(fmtSeconds(p.heartbeat_age_seconds)),
     cell(fmtInt(p.rows_per_second)),
@@ -100,7 +100,10 @@ function render(s) {
     cell(fmtSeconds(p.poll_interval)),
     cell(fmtInt(p.acked)),
   ], p => ({worker: String(p.worker), class: p.live ? "" : "down"}));
-  fillTable("shards", s.shards, r => [cell(String(r.shard)), cell(fmtInt(r.backlog))],
+  setText("host", s.host);
+  fillTable("hosts", s.hosts, h => [cell(h.host, "text"), cell(String(h.pollers)), cell(String(h.shards))],
+            h => ({host: h.host}));
+  fillTable("shards", s.shards, r => [cell(String(r.shard)), cell(fmtInt(r.backlog)), cell(r.owner || "free", "text")],
             r => ({shard: String(r.shard)}));
   fillTable("dead-letters", s.dead_letters, d => [
     cell(String(d.id)), cell(String(d.attempts)), cell(fmtSeconds(d.age_seconds)),

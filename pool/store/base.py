@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from pool.config import RELAY_COLUMNS, Settings
 from pool.errors import ConfigError
 from pool.redact import redact_url
+from pool.store.shards import ShardLeaseTables
 
 T = TypeVar("T")
 
@@ -109,13 +110,18 @@ def index_name(table: str, suffix: str) -> str:
     return f"{table[: 63 - len(suffix) - 1]}_{suffix}"
 
 
+def shard_list(shard: int | Sequence[int]) -> list[int]:
+    """A claim asks for one shard (an int) or several."""
+    return [shard] if isinstance(shard, int) else list(shard)
+
+
 def new_lease(owner: str) -> Lease:
     # A fresh random token per claim: a poller that lost its lease to another one can no
     # longer match (owner, token), even if it reuses the same owner name after a restart.
     return Lease(owner=owner, token=secrets.randbits(62))
 
 
-class SqlStore:
+class SqlStore(ShardLeaseTables):
     """SQL shared by PostgreSQL and SQLite; subclasses supply what differs."""
 
     dialect_name = ""
@@ -125,7 +131,7 @@ class SqlStore:
         self.settings = settings
         self._kept: Connection | None = None
         self._kept_lock = threading.Lock()
-        self._statements: dict[tuple[str, bool], TextClause] = {}
+        self._statements: dict[tuple[str, bool, tuple[str, ...]], TextClause] = {}
         quote = engine.dialect.identifier_preparer.quote
         self.q = quote
         cols = settings.columns
@@ -145,6 +151,15 @@ class SqlStore:
         raise NotImplementedError
 
     def _plus_seconds(self, param: str) -> str:
+        raise NotImplementedError
+
+    def _minus_seconds(self, param: str) -> str:
+        raise NotImplementedError
+
+    def _time_type(self) -> str:
+        raise NotImplementedError
+
+    def _table_exists(self, conn: Connection, name: str) -> bool:
         raise NotImplementedError
 
     def _existing_columns(self, conn: Connection) -> set[str] | None:
@@ -250,7 +265,7 @@ class SqlStore:
                         f"CREATE INDEX {self.q(name)} ON {self.t} ({self.c_id}) WHERE {predicate}"
                     ))
                     indexes = (*indexes, name)
-            extras = self._ensure_extras(conn, notify)
+            extras = self._ensure_shard_tables(conn) + self._ensure_extras(conn, notify)
         return SchemaChanges(
             created_table=created, added_columns=() if created else added,
             created_indexes=indexes, created_extras=extras,
@@ -262,13 +277,15 @@ class SqlStore:
     def _ids_statement(self, sql: str) -> TextClause:
         return text(sql).bindparams(bindparam("ids", expanding=True))
 
-    def _statement(self, sql: str, with_ids: bool = False) -> TextClause:
+    def _statement(self, sql: str, with_ids: bool = False, expanding: tuple[str, ...] = ()) -> TextClause:
         """The statement for this SQL, built once: a new text() per call costs more CPU than a
-        small claim's round trip."""
-        key = (sql, with_ids)
+        small claim's round trip. `expanding` names list parameters written as `IN :name`."""
+        key = (sql, with_ids, expanding)
         statement = self._statements.get(key)
         if statement is None:
             statement = self._ids_statement(sql) if with_ids else text(sql)
+            if expanding:
+                statement = statement.bindparams(*(bindparam(name, expanding=True) for name in expanding))
             self._statements[key] = statement
         return statement
 
@@ -443,6 +460,7 @@ class SqlStore:
         try:
             with self.engine.connect() as conn:
                 existing = self._existing_columns(conn)
+                missing_shard_tables = self._missing_shard_tables(conn) if existing else []
         except (DBAPIError, NoSuchTableError) as exc:
             raise ConfigError(
                 f"cannot reach database {redact_url(self.settings.db_url)}: {first_line(exc)}"
@@ -458,6 +476,11 @@ class SqlStore:
             raise ConfigError(
                 f"table {self.settings.table!r} lacks column(s) {', '.join(missing)};"
                 " run `pool init-db` to add the relay's columns"
+            )
+        if missing_shard_tables:
+            raise ConfigError(
+                f"table(s) {', '.join(missing_shard_tables)} for shard leases not found;"
+                " run `pool init-db` to create them"
             )
 
     def close(self) -> None:

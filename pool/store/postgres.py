@@ -9,7 +9,7 @@ from sqlalchemy import TextClause, event, text
 from sqlalchemy.engine import Connection, Engine
 
 from pool.config import Settings
-from pool.store.base import Claim, ClaimedRow, SqlStore, index_name, new_lease
+from pool.store.base import Claim, ClaimedRow, SqlStore, index_name, new_lease, shard_list
 from pool.store.pg_notify import CHANNEL_OID_SQL, PgNotifyListener, notify_channel
 
 RELAY_COLUMN_TYPES = {
@@ -132,6 +132,15 @@ class PostgresStore(SqlStore):
     def _plus_seconds(self, param: str) -> str:
         return f"clock_timestamp() + make_interval(secs => :{param})"
 
+    def _minus_seconds(self, param: str) -> str:
+        return f"clock_timestamp() - make_interval(secs => :{param})"
+
+    def _time_type(self) -> str:
+        return "TIMESTAMPTZ"
+
+    def _table_exists(self, conn: Connection, name: str) -> bool:
+        return conn.execute(text("SELECT to_regclass(:t)"), {"t": self.q(name)}).scalar_one() is not None
+
     def _age_seconds(self, column: str) -> str:
         return f"EXTRACT(EPOCH FROM clock_timestamp() - {column})"
 
@@ -171,7 +180,7 @@ class PostgresStore(SqlStore):
         return f"""
                 SELECT {self.c_id}, lease_owner IS NOT NULL AS reclaimed FROM {self.t}
                 WHERE {self.c_processed} = 0 AND dead_at IS NULL
-                  AND {self.c_id} % :shard_count = :shard
+                  AND {self.c_id} % :shard_count = ANY(:shards)
                   -- re-pick rule: a row is free when unleased or when its lease ran out
                   -- (its poller died or stalled); a live holder keeps the row locked-out.
                   AND (lease_until IS NULL OR lease_until < clock_timestamp())
@@ -180,18 +189,22 @@ class PostgresStore(SqlStore):
                 LIMIT :limit
                 FOR UPDATE SKIP LOCKED"""
 
-    def explain_claim(self, shard_count: int, shard: int, limit: int) -> dict:
+    def explain_claim(self, shard_count: int, shard: int | Sequence[int], limit: int) -> dict:
         """The planner's JSON plan for the claim's row selection, to check it stays index-driven."""
         with self.engine.begin() as conn:
             plan = conn.execute(
                 text(f"EXPLAIN (FORMAT JSON) {self._pick_sql()}"),
-                {"shard_count": shard_count, "shard": shard, "limit": limit},
+                {"shard_count": shard_count, "shards": shard_list(shard), "limit": limit},
             ).scalar_one()
             conn.rollback()
         return plan[0]["Plan"]
 
-    def claim(self, owner: str, shard_count: int, shard: int, limit: int, lease_seconds: float) -> Claim:
+    def claim(self, owner: str, shard_count: int, shard: int | Sequence[int], limit: int,
+              lease_seconds: float) -> Claim:
+        shards = shard_list(shard)
         lease = new_lease(owner)
+        if not shards:
+            return Claim(lease=lease, rows=[])
         c = self.settings.columns
         q = self.q
         sql = f"""
@@ -205,7 +218,7 @@ class PostgresStore(SqlStore):
                       s.{q(c.timestamp)}, s.attempts, picked.reclaimed
         """
         params = {
-            "shard_count": shard_count, "shard": shard, "limit": limit,
+            "shard_count": shard_count, "shards": shards, "limit": limit,
             "owner": lease.owner, "token": lease.token, "lease": lease_seconds,
         }
         statement = self._statement(sql)

@@ -10,7 +10,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
 from pool.errors import ConfigError
-from pool.store.base import Claim, ClaimedRow, SqlStore, new_lease
+from pool.store.base import Claim, ClaimedRow, SqlStore, new_lease, shard_list
 
 # Times are stored as UTC text in one fixed format so that they compare as strings.
 NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
@@ -83,6 +83,18 @@ class SqliteStore(SqlStore):
     def _plus_seconds(self, param: str) -> str:
         return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || :{param} || ' seconds')"
 
+    def _minus_seconds(self, param: str) -> str:
+        return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || :{param} || ' seconds')"
+
+    def _time_type(self) -> str:
+        return "TEXT"
+
+    def _table_exists(self, conn: Connection, name: str) -> bool:
+        found = conn.execute(
+            text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :t"), {"t": name}
+        ).first()
+        return found is not None
+
     def check_schema(self) -> None:
         # Connecting would create an empty file; a missing file is a configuration mistake.
         path = self.engine.url.database
@@ -105,14 +117,18 @@ class SqliteStore(SqlStore):
         rows = conn.execute(text(f"PRAGMA table_info({self.t})")).all()
         return {r[1] for r in rows} or None
 
-    def claim(self, owner: str, shard_count: int, shard: int, limit: int, lease_seconds: float) -> Claim:
+    def claim(self, owner: str, shard_count: int, shard: int | Sequence[int], limit: int,
+              lease_seconds: float) -> Claim:
+        shards = shard_list(shard)
         lease = new_lease(owner)
+        if not shards:
+            return Claim(lease=lease, rows=[])
         c = self.settings.columns
         q = self.q
         pick = f"""
             SELECT {self.c_id}, lease_owner IS NOT NULL FROM {self.t}
              WHERE {self.c_processed} = 0 AND dead_at IS NULL
-               AND {self.c_id} % :shard_count = :shard
+               AND {self.c_id} % :shard_count IN :shards
                -- re-pick rule: free when unleased or when its lease ran out
                AND (lease_until IS NULL OR lease_until < {NOW})
                AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})
@@ -128,16 +144,17 @@ class SqliteStore(SqlStore):
             RETURNING {q(c.id)}, {q(c.name)}, {q(c.value)}, {q(c.source)}, {q(c.timestamp)}, attempts
         """
         params = {
-            "shard_count": shard_count, "shard": shard, "limit": limit,
+            "shard_count": shard_count, "shards": shards, "limit": limit,
             "owner": lease.owner, "token": lease.token, "lease": lease_seconds,
         }
         with self.engine.begin() as conn:
-            picked = conn.execute(self._statement(pick), params).all()
+            picked = conn.execute(self._statement(pick, expanding=("shards",)), params).all()
             reclaimed = sum(1 for r in picked if r[1])
             ids = [r[0] for r in picked]
             rows = []
             if ids:
-                rows = conn.execute(self._statement(update, with_ids=True), {**params, "ids": ids}).all()
+                rows = conn.execute(self._statement(update, with_ids=True),
+                                    {k: v for k, v in params.items() if k != "shards"} | {"ids": ids}).all()
         claimed = sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
         return Claim(lease=lease, rows=claimed, reclaimed=reclaimed)
 

@@ -57,7 +57,7 @@ def running(pg_url, redis_url, queue_name, tmp_path):
     port = free_port()
     env = clean_env(PULSE_DB_URL=pg_url, PULSE_BROKER_URL=redis_url, PULSE_QUEUE=queue_name,
                     PULSE_CONFIG=str(config), PULSE_METRICS_PORT=str(port), PULSE_STATUS_INTERVAL="0.3",
-                    PULSE_MAX_ATTEMPTS="1")
+                    PULSE_MAX_ATTEMPTS="1", PULSE_HOST_ID="status-host")
     seed(env, tmp_path, pg_url)
     pool = PoolProcess("start", "--workers", str(WORKERS), env=env, cwd=tmp_path)
     try:
@@ -78,13 +78,19 @@ def test_pool_status_shows_pollers_backlog_dead_rows_and_exits_by_health(running
         code, report = status(env, tmp_path)
         snap = report["status"]
         done = code == 0 and snap and snap["dead"] == POISON and snap["backlog"] == 0
-        return report if done else None
+        # The first poller up takes every shard; the others get their shares within seconds.
+        balanced = done and sorted(len(p["shards"]) for p in snap["pollers"]) == [21, 21, 22]
+        return report if balanced else None
 
-    report = wait_until(settled, timeout=30, message="a healthy status after the drain")
+    report = wait_until(settled, timeout=30, message="a healthy, balanced status after the drain")
     assert (report["processed"], report["unprocessed"], report["dead"]) == (GOOD, 0, POISON)
     snap = report["status"]
     assert snap["pollers_live"] == WORKERS and snap["problems"] == []
-    assert [p["shards"] for p in snap["pollers"]] == [[k] for k in range(WORKERS)]
+    # 64 shards shared out by lease: all held, near-equal shares, each by one poller.
+    held = [p["shards"] for p in snap["pollers"]]
+    assert sorted(s for shards in held for s in shards) == list(range(64))
+    assert sorted(len(shards) for shards in held) == [21, 21, 22]
+    assert snap["hosts"] == [{"host": "status-host", "pollers": WORKERS, "shards": 64}]
     assert all(p["batch_size"] == 50 and p["poll_interval"] == 0.5 for p in snap["pollers"])
     assert snap["queue_depth"] == GOOD  # nobody consumes the queue in this test
     assert [d["id"] for d in snap["dead_letters"]] == truth["dead_ids"]
@@ -94,8 +100,9 @@ def test_pool_status_shows_pollers_backlog_dead_rows_and_exits_by_health(running
     assert text.returncode == 0, text.stderr
     assert text.stdout.startswith("pool: healthy\n")
     assert f"rows: {GOOD:,} processed, 0 unprocessed, {POISON} dead" in text.stdout
-    assert f"pollers: {WORKERS} of {WORKERS} live" in text.stdout
-    assert re.search(r"^  poller-1 +\d+ +1 +running ", text.stdout, re.M), text.stdout
+    assert f"pollers on this host (status-host): {WORKERS} of {WORKERS} live" in text.stdout
+    assert "shards: 64 of 64 held; hosts: status-host (3 pollers, 64 shards)" in text.stdout
+    assert re.search(r"^  poller-1 +\d+ +2[12] +running ", text.stdout, re.M), text.stdout
 
     pool.signal(signal.SIGTERM)
     assert pool.wait(timeout=60) == 0

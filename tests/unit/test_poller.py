@@ -24,6 +24,7 @@ from pool.poller import (
     BACKOFF_START,
     DEPTH_CHECK_INTERVAL,
     BatchOutcome,
+    FixedShards,
     LeaseHeartbeat,
     Poller,
     PollerIdentity,
@@ -192,7 +193,8 @@ class RecordingHooks:
         self.loops: list[Settings] = []
         self.claims: list[tuple[int, int]] = []  # (rows, reclaimed)
 
-    def loop(self, settings: Settings) -> None:
+    def loop(self, settings: Settings, shards: int) -> None:
+        assert shards >= 0
         self.loops.append(settings)
 
     def claimed(self, rows: int, reclaimed: int, seconds: float) -> None:
@@ -274,6 +276,7 @@ def make_poller(
     hooks: RecordingHooks | None = None,
     probe: ScriptedProbe | None = None,
     rng: random.Random | None = None,
+    shards: FixedShards | None = None,
     **settings: Any,
 ) -> Poller:
     return Poller(
@@ -285,6 +288,7 @@ def make_poller(
         hooks,
         probe,
         rng,
+        shards,
     )
 
 
@@ -303,8 +307,32 @@ def test_claim_uses_identity_batch_size_and_lease_seconds() -> None:
     store = FakeStore([[]])
     make_poller(store, batch_size=7, lease_seconds=42).run_once()
     assert store.claims == [
-        {"owner": "host:123:0", "shard_count": 3, "shard": 1, "limit": 7, "lease_seconds": 42.0}
+        {"owner": "host:123:0", "shard_count": 3, "shard": [1], "limit": 7, "lease_seconds": 42.0}
     ]
+
+
+def test_claims_follow_the_shards_the_poller_holds_now() -> None:
+    class Keeper(FixedShards):
+        def __init__(self) -> None:
+            super().__init__(64, [])
+            self.turns = [[3, 7], [], [5]]
+            self.left = False
+
+        def shards(self) -> list[int]:
+            self.held = self.turns.pop(0)
+            return self.held
+
+        def leave(self) -> None:
+            self.left = True
+
+    keeper = Keeper()
+    store = FakeStore([make_rows(3), [], make_rows(5)])
+    poller = make_poller(store, shards=keeper)
+    for _ in range(3):
+        poller.run_once()
+    assert [(c["shard_count"], c["shard"]) for c in store.claims] == [(64, [3, 7]), (64, []), (64, [5])]
+    poller.close()
+    assert keeper.left  # a graceful stop hands the shards back
 
 
 # --- run_once: settling --------------------------------------------------------------

@@ -13,10 +13,13 @@ from pool.coordinator import CoordinatorApp
 from pool.status import StatusMonitor, build_pollers, sum_totals
 from pool.status_client import StatusReport, coordinator_url
 from pool.store.base import BacklogStats, Counts, DeadRow
+from pool.store.shards import Member, ShardOwner
+
+HOST = "here"
 
 
 def settings(**overrides: Any):
-    return load_settings(environ={}, overrides={"workers": 2, **overrides})
+    return load_settings(environ={}, overrides={"workers": 2, "host_id": HOST, **overrides})
 
 
 def family(*samples: tuple[str, dict[str, str], float]) -> SimpleNamespace:
@@ -28,6 +31,15 @@ class FakeStore:
     def __init__(self) -> None:
         self.fail = False
         self.stats = BacklogStats(backlog=7, oldest_age_seconds=3.5, dead=1, by_shard={0: 3, 1: 4})
+
+    def shard_count(self) -> int:
+        return 2
+
+    def cluster(self, ttl: float) -> tuple[list[Member], list[ShardOwner]]:
+        members = [Member(f"{HOST}/poller-0", HOST, 100, 1.0, True),
+                   Member("other/poller-0", "other", 7, 1.0, True),
+                   Member("gone/poller-0", "gone", 8, 99.0, False)]
+        return members, [ShardOwner(0, f"{HOST}/poller-0", 9.0), ShardOwner(1, "other/poller-0", 9.0)]
 
     def backlog_stats(self, shard_count: int) -> BacklogStats:
         assert shard_count == 2
@@ -71,9 +83,10 @@ def poller_samples(now: float, acked: dict[str, float]) -> list[SimpleNamespace]
 
 def test_pollers_come_from_their_metric_samples_and_a_missing_one_is_down() -> None:
     samples = [(s.name, s.labels, s.value) for f in poller_samples(1000.0, {"0": 10}) for s in f.samples]
-    pollers = build_pollers(samples, settings(), now=1000.0)
+    owners = {0: f"{HOST}/poller-0", 1: "other/poller-0", 2: f"{HOST}/poller-0", 3: None}
+    pollers = build_pollers(samples, settings(), now=1000.0, owners=owners)
     assert [(p.worker, p.live, p.pid, p.shards) for p in pollers] == [
-        (0, True, 100, [0]), (1, False, None, [1])]
+        (0, True, 100, [0, 2]), (1, False, None, [])]
     assert pollers[0].heartbeat_age_seconds == 0.5 and pollers[0].batch_size == 500
 
 
@@ -110,7 +123,11 @@ def test_refresh_computes_rates_from_counter_deltas_and_keeps_history() -> None:
     assert snap.problems() == [] and snap.ready()
     data = snap.as_dict()
     assert data["healthy"] and data["pollers_live"] == 2
-    assert data["shards"] == [{"shard": 0, "backlog": 3}, {"shard": 1, "backlog": 4}]
+    assert data["shards"] == [{"shard": 0, "backlog": 3, "owner": f"{HOST}/poller-0"},
+                              {"shard": 1, "backlog": 4, "owner": "other/poller-0"}]
+    # Hosts come from the members table: only live ones, with the shards their pollers hold.
+    assert data["hosts"] == [{"host": HOST, "pollers": 1, "shards": 1},
+                             {"host": "other", "pollers": 1, "shards": 1}]
     assert data["dead_letters"][0]["last_error"] == "name is NULL"
 
 
@@ -182,7 +199,8 @@ def test_status_report_lines_and_health() -> None:
     text = "\n".join(up.lines())
     assert up.healthy and text.startswith("pool: healthy\n")
     assert "backlog: 7 rows, lag 3.5 s" in text and "broker queue celery: 42 messages" in text
-    assert "pollers: 2 of 2 live" in text
+    assert f"pollers on this host ({HOST}): 2 of 2 live" in text
+    assert "shards: 2 of 2 held; hosts: here (1 pollers, 1 shards), other (1 pollers, 1 shards)" in text
     assert up.as_dict()["processed"] == 1200
 
 
