@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # How often a poller renews its leases and looks at membership, at most: often enough that a
 # joining poller gets its share within a second or two, cheap (a few statements per poller).
 SYNC_EVERY = 1.0
+# While shares are moving (a member came or went, or this poller waits for shards another
+# still holds), it looks again this soon, so that pollers started together settle at once.
+SYNC_WHILE_MOVING = 0.1
 
 
 class ShardLeaseStore(Protocol):
@@ -65,6 +68,7 @@ class ShardKeeper:
         self.held: list[int] = []
         self._valid_until = 0.0  # our leases surely hold until then (monotonic clock)
         self._next_sync = 0.0
+        self._members_seen = 0
 
     def shards(self) -> list[int]:
         """The shards to claim from now; renews the leases when due (database errors propagate)."""
@@ -77,8 +81,10 @@ class ShardKeeper:
         # Retry soon if this fails, not only after a whole interval.
         self._next_sync = started + min(SYNC_EVERY, self.ttl / 3)
         members = self.store.member_heartbeat(self.member, self.host, os.getpid(), self.ttl)
-        held = self.store.sync_shards(self.member, desired_shards(members, self.member, self.shard_count),
-                                      self.ttl)
+        desired = desired_shards(members, self.member, self.shard_count)
+        held = self.store.sync_shards(self.member, desired, self.ttl)
+        moving = held != desired or held != self.held or len(members) != self._members_seen
+        self._members_seen = len(members)
         if held != self.held:
             log.info("holding %d of %d shards (%d pollers live): %s", len(held), self.shard_count,
                      len(set(members) | {self.member}), _ranges(held),
@@ -86,7 +92,7 @@ class ShardKeeper:
                                        "members": len(set(members) | {self.member})}})
         self.held = held
         self._valid_until = started + self.ttl
-        self._next_sync = started + min(self.ttl / 3, SYNC_EVERY)
+        self._next_sync = started + (SYNC_WHILE_MOVING if moving else min(self.ttl / 3, SYNC_EVERY))
 
     def leave(self) -> None:
         """Hand the shards back at once on a graceful stop, instead of letting them expire."""

@@ -1,0 +1,147 @@
+"""Shard shares: who should hold what, and how ShardKeepers converge on it through leases.
+
+The fake lease store below keeps the database's rules (an owner keeps or renews its lease, a
+free or expired shard can be taken, a silent member drops out after its ttl) on a fake clock;
+the real SQL is tested against PostgreSQL and SQLite in tests/integration/test_shard_leases.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from pool.shards import ShardKeeper, desired_shards, host_id, member_name
+
+SHARDS = 64
+TTL = 3.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeLeaseStore:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.heartbeats: dict[str, float] = {}
+        self.leases: dict[int, tuple[str, float]] = {}  # shard -> (owner, expires)
+        self.failing = False
+
+    def shard_count(self) -> int:
+        return SHARDS
+
+    def member_heartbeat(self, member: str, host: str, pid: int, ttl: float) -> list[str]:
+        self._maybe_fail()
+        self.heartbeats[member] = self.clock.now
+        return sorted(m for m, at in self.heartbeats.items() if at >= self.clock.now - ttl)
+
+    def sync_shards(self, member: str, desired: Sequence[int], ttl: float) -> list[int]:
+        self._maybe_fail()
+        now = self.clock.now
+        for shard, (owner, _expires) in list(self.leases.items()):
+            if owner == member and shard not in desired:
+                del self.leases[shard]
+        for shard in desired:
+            owner, expires = self.leases.get(shard, (None, 0.0))
+            if owner in (None, member) or expires < now:
+                self.leases[shard] = (member, now + ttl)
+        return sorted(s for s, (owner, _e) in self.leases.items() if owner == member)
+
+    def leave(self, member: str) -> None:
+        self.leases = {s: lease for s, lease in self.leases.items() if lease[0] != member}
+        self.heartbeats.pop(member, None)
+
+    def owners(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for owner, expires in self.leases.values():
+            if expires >= self.clock.now:
+                counts[owner] = counts.get(owner, 0) + 1
+        return counts
+
+    def _maybe_fail(self) -> None:
+        if self.failing:
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+
+def run(keepers: list[ShardKeeper], clock: Clock, seconds: float, step: float = 0.05) -> None:
+    """Every keeper asks for its shards each step, as pollers do between batches."""
+    end = clock.now + seconds
+    while clock.now < end:
+        for keeper in keepers:
+            keeper.shards()
+        clock.now += step
+
+
+def test_desired_shares_are_disjoint_near_equal_and_cover_every_shard() -> None:
+    members = ["b/poller-0", "a/poller-1", "a/poller-0"]
+    shares = [desired_shards(members, m, SHARDS) for m in members]
+    assert sorted(s for share in shares for s in share) == list(range(SHARDS))
+    assert sorted(len(share) for share in shares) == [21, 21, 22]
+    # A member not (yet) in the list counts itself in.
+    assert desired_shards([], "solo/poller-0", 4) == [0, 1, 2, 3]
+
+
+def test_pollers_started_together_settle_on_equal_shares_within_a_second() -> None:
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    keepers = [ShardKeeper(store, "h", f"poller-{k}", TTL, clock=clock) for k in range(8)]
+    run(keepers, clock, 1.0)
+    assert sorted(store.owners().values()) == [8] * 8
+    assert sorted(s for k in keepers for s in k.shards()) == list(range(SHARDS))
+
+
+def test_a_dead_pollers_shards_are_taken_over_after_its_lease_and_given_back_when_it_returns() -> None:
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    a, b = (ShardKeeper(store, host, "poller-0", TTL, clock=clock) for host in ("a", "b"))
+    run([a, b], clock, 1.0)
+    assert store.owners() == {"a/poller-0": 32, "b/poller-0": 32}
+    run([a], clock, 1.0)  # b is silent, but its leases (renewed within the last second) still hold
+    assert store.owners()["b/poller-0"] == 32 and len(a.shards()) == 32
+    run([a], clock, TTL + 0.5)  # lease expiry plus a sync: a takes them over
+    assert store.owners() == {"a/poller-0": 64}
+    b2 = ShardKeeper(store, "b", "poller-0", TTL, clock=clock)
+    run([a, b2], clock, 1.0)
+    assert store.owners() == {"a/poller-0": 32, "b/poller-0": 32}
+
+
+def test_leave_hands_the_shards_over_at_once() -> None:
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    a, b = (ShardKeeper(store, host, "poller-0", TTL, clock=clock) for host in ("a", "b"))
+    run([a, b], clock, 1.0)
+    b.leave()
+    assert b.held == []
+    run([a], clock, 1.0)
+    assert store.owners() == {"a/poller-0": 64}
+
+
+def test_a_database_outage_keeps_the_shards_only_while_their_leases_surely_hold() -> None:
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    keeper = ShardKeeper(store, "a", "poller-0", TTL, clock=clock)
+    run([keeper], clock, 1.0)
+    store.failing = True
+    clock.now += 1.0
+    with pytest.raises(OperationalError):
+        keeper.shards()
+    assert len(keeper.held) == SHARDS
+    clock.now += TTL
+    with pytest.raises(OperationalError):
+        keeper.shards()
+    assert keeper.shards() == []  # its leases may have expired: claim nothing
+    store.failing = False
+    clock.now += 1.0  # the next try, at most a second later
+    assert len(keeper.shards()) == SHARDS  # it came back and renewed
+
+
+def test_host_id_and_member_names() -> None:
+    assert host_id("web-1") == "web-1"
+    assert host_id("") != ""
+    assert member_name("web-1", "poller-3") == "web-1/poller-3"
