@@ -1,6 +1,11 @@
-# A slim image that runs `pool start`; configure it with PULSE_* variables.
+# A slim image that runs `pool start` (PULSE_WORKERS pollers and the coordinator) as a non-root
+# user; configure it with PULSE_* variables, PULSE_DB_URL and PULSE_BROKER_URL at least. The same
+# image runs `pool init-db` and `pool worker`: deploy/docker-compose.yml runs all three.
+# Give it time to drain on stop (PULSE_SHUTDOWN_TIMEOUT, 30 s): `docker run --stop-timeout 45`,
+# or `stop_grace_period: 45s` in compose; Docker's default of 10 s cuts a drain short.
 FROM python:3.11-slim
 
+# No credentials here: they belong in the environment the container is started with.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PULSE_METRICS_HOST=0.0.0.0 PULSE_METRICS_PORT=9200 PULSE_WORKERS=8
 
@@ -15,6 +20,10 @@ USER pool
 WORKDIR /data
 EXPOSE 9200
 STOPSIGNAL SIGTERM
+# /readyz answers 200 only while the database and the broker answer and a poller is live, so the
+# container turns unhealthy when pool cannot relay, not merely when its port is open. It asks the
+# loopback address, which the 0.0.0.0 above includes. A container running `pool init-db` or
+# `pool worker` serves no /readyz: turn the check off there (compose: healthcheck: disable: true).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('PULSE_METRICS_PORT', '9200'), timeout=4)"
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PULSE_METRICS_PORT', '9200'), timeout=4)"
 CMD ["pool", "start"]

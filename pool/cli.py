@@ -129,6 +129,50 @@ def start(settings: Any, load_settings_again: Callable[[], Any]) -> None:
     sys.exit(run_supervisor(settings, load_settings_again))
 
 
+# The standalone programs take the start flags that concern them.
+POLLER_FLAGS = [flag for flag in START_FLAGS if flag[1] not in ("metrics_port", "metrics_host")]
+COORDINATOR_FLAGS = [flag for flag in START_FLAGS if flag[1] in ("workers", "metrics_port", "metrics_host")]
+
+
+@cli.command()
+@click.option("--slot", required=True, metavar="K",
+              help="Which of the PULSE_WORKERS pollers of this host to be, from 0 to PULSE_WORKERS-1.")
+@with_settings(POLLER_FLAGS)
+def poller(settings: Any, slot: str) -> None:
+    """Run one poller on its own, for supervisord (one program per slot); SIGTERM drains and exits 0.
+
+    Needs PROMETHEUS_MULTIPROC_DIR, shared with `pool coordinator`. Settings change by restarting
+    it: there is no reload."""
+    from pool.standalone import check_slot, run_poller
+
+    index = _parse_count("--slot", slot, 255, minimum=0)
+    check_slot(index, settings.workers)
+    _check_standalone(settings, "pool poller")
+    run_poller(settings, index)
+
+
+@cli.command()
+@with_settings(COORDINATOR_FLAGS)
+def coordinator(settings: Any) -> None:
+    """Run the coordinator on its own (metrics, health, status page) for the pollers of this host.
+
+    Needs PROMETHEUS_MULTIPROC_DIR, shared with the `pool poller` programs, and PULSE_WORKERS, how
+    many there are. SIGTERM stops it with exit 0."""
+    from pool.standalone import run_coordinator
+
+    _check_standalone(settings, "pool coordinator")
+    run_coordinator(settings)
+
+
+def _check_standalone(settings: Any, command: str) -> None:
+    """What `pool start` checks before it spawns anything, plus the shared metrics directory."""
+    from pool.standalone import metrics_dir
+
+    metrics_dir(command)
+    with _store(settings):
+        pass  # reachable and prepared, or a one-line error and exit 2
+
+
 @cli.command()
 @click.option("--concurrency", type=click.IntRange(1, 256), default=2, show_default=True)
 @with_settings([])
@@ -309,14 +353,14 @@ def prune(settings: Any, older_than: str, batch_size: str) -> None:
     click.echo(f"pruned {pruned} processed rows older than {older_than.strip()} from {settings.table}")
 
 
-def _parse_count(flag: str, raw: str, maximum: int) -> int:
-    """A whole number from 1 to `maximum`, or a one-line ConfigError naming the flag."""
+def _parse_count(flag: str, raw: str, maximum: int, minimum: int = 1) -> int:
+    """A whole number from `minimum` to `maximum`, or a one-line ConfigError naming the flag."""
     try:
         value = int(raw.strip())
     except ValueError:
         raise ConfigError(f"{flag} must be a whole number, got {raw!r}") from None
-    if not 1 <= value <= maximum:
-        raise ConfigError(f"{flag} must be between 1 and {maximum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{flag} must be between {minimum} and {maximum}, got {value}")
     return value
 
 

@@ -6,7 +6,8 @@ Routes:
   GET  /readyz       200 when the database and broker answer and a poller is live, else 503
   GET  /status.json  the latest status snapshot (what `pool status` prints)
   GET  /             the live status page (static files served from this package)
-  POST /-/reload     asks `pool start` to reload its settings (as SIGHUP does)
+  POST /-/reload     asks `pool start` to reload its settings (as SIGHUP does); 501 when the
+                     coordinator runs on its own (`pool coordinator`), with no `pool start` to ask
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ STATIC_FILES = {
     "/static/status.js": ("status.js", "text/javascript; charset=utf-8"),
     "/static/status.css": ("status.css", "text/css; charset=utf-8"),
 }
+
+STANDALONE_RELOAD = (
+    "this coordinator runs on its own (pool coordinator), not under pool start: restart the pollers "
+    "to apply new settings (supervisorctl restart pool:*)"
+)
 
 
 class StatusCollector:
@@ -82,7 +88,7 @@ class CoordinatorApp:
     """The WSGI application behind the coordinator's port."""
 
     def __init__(self, monitor: StatusMonitor, collector: multiprocess.MultiProcessCollector,
-                 reload: Callable[[], None]) -> None:
+                 reload: Callable[[], None] | None) -> None:
         # Only these collectors: the default registry would export this process's own
         # (meaningless) process and platform metrics beside the pollers'.
         registry = CollectorRegistry()
@@ -99,6 +105,10 @@ class CoordinatorApp:
         if path == "/-/reload":
             if method != "POST":
                 return self._send(start_response, "405 Method Not Allowed", {"error": "use POST"})
+            if self.reload is None:
+                # Standalone, the parent is supervisord or the like: a SIGHUP there would reload
+                # *its* configuration, not pool's settings.
+                return self._send(start_response, "501 Not Implemented", {"error": STANDALONE_RELOAD})
             self.reload()
             return self._send(start_response, "202 Accepted", {"reloading": True})
         if method not in ("GET", "HEAD"):

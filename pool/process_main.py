@@ -1,4 +1,7 @@
-"""Entry points of the child processes that `pool start` spawns: pollers and the coordinator."""
+"""Entry points of the child processes that `pool start` spawns: pollers and the coordinator.
+
+The same entry points run on their own under a process manager (`pool poller`, `pool coordinator`,
+see pool/standalone.py); a Reporter hides whether a supervisor's pipe is there to report to."""
 
 from __future__ import annotations
 
@@ -8,9 +11,10 @@ import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from pool.config import Settings
+from pool.errors import ConfigError
 from pool.logs import setup_logging
 from pool.poller import StopSignal
 
@@ -51,13 +55,68 @@ def _on_reload(events: Connection, apply: Callable[[dict[str, Any]], None]) -> N
     threading.Thread(target=listen, name="reload-listener", daemon=True).start()
 
 
+class Reporter(Protocol):
+    """Whom a poller or the coordinator tells that it is ready or cannot start, and hears reloads from."""
+
+    # True when a parent supervisor (`pool start`) reloads settings and can be asked to.
+    supervised: bool
+
+    def ready(self, name: str, detail: Any = None, summary: str | None = None) -> None: ...
+
+    def fatal(self, name: str, message: str) -> None: ...
+
+    def on_reload(self, apply: Callable[[dict[str, Any]], None]) -> None: ...
+
+
+class PipeReporter:
+    """Under `pool start`: events go over this child's pipe to the supervisor, reloads come back on it."""
+
+    supervised = True
+
+    def __init__(self, events: Connection) -> None:
+        self.events = events
+
+    def ready(self, name: str, detail: Any = None, summary: str | None = None) -> None:
+        self.events.send(("ready", name, os.getpid(), detail))
+
+    def fatal(self, name: str, message: str) -> None:
+        self.events.send(("fatal", name, os.getpid(), message))
+
+    def on_reload(self, apply: Callable[[dict[str, Any]], None]) -> None:
+        _on_reload(self.events, apply)
+
+
+class LogReporter:
+    """Run on its own (supervisord, systemd, a shell): the log is the only listener.
+
+    A process manager restarts the program to change settings, so there are no reloads; a fatal
+    start-up problem becomes the command's one-line error and exit 2."""
+
+    supervised = False
+
+    def ready(self, name: str, detail: Any = None, summary: str | None = None) -> None:
+        log.info("ready: %s", summary or f"{name} (pid {os.getpid()})")
+
+    def fatal(self, name: str, message: str) -> None:
+        raise ConfigError(message)
+
+    def on_reload(self, apply: Callable[[dict[str, Any]], None]) -> None:
+        """Nothing sends reloads to a process started on its own."""
+
+
+def as_reporter(events: Connection | Reporter) -> Reporter:
+    """`pool start` hands its children a bare pipe; the standalone commands hand a Reporter."""
+    return events if isinstance(events, PipeReporter | LogReporter) else PipeReporter(events)
+
+
 def worker_slot(index: int) -> str:
     """The name a poller's metric files carry: the same across restarts of that poller."""
     return f"poller-{index}"
 
 
-def poller_main(settings: Settings, index: int, shard_count: int, events: Connection) -> None:
+def poller_main(settings: Settings, index: int, shard_count: int, events: Connection | Reporter) -> None:
     """Claim -> publish -> ack until SIGTERM/SIGINT; then finish or release the in-flight batch."""
+    reporter = as_reporter(events)
     # Keep a margin inside the supervisor's timeout for releasing what could not be published.
     stop = StopSignal(grace=max(0.5, settings.shutdown_timeout * 0.8))
     _stop_on_signals(stop)
@@ -81,8 +140,8 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     identity = PollerIdentity(owner=f"{host}:{os.getpid()}:{index}", index=index, shard_count=shard_count)
     poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth, shards=keeper)
     # The loop reads poller.settings afresh for every batch: one assignment swaps them.
-    _on_reload(events, lambda changes: setattr(poller, "settings", poller.settings.replace(**changes)))
-    events.send(("ready", worker_slot(index), os.getpid(), None))
+    reporter.on_reload(lambda changes: setattr(poller, "settings", poller.settings.replace(**changes)))
+    reporter.ready(worker_slot(index))
     try:
         poller.run()
     finally:
@@ -93,8 +152,9 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     log.info("stopped")
 
 
-def coordinator_main(settings: Settings, events: Connection) -> None:
+def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     """Serve /metrics aggregated over every poller, health, status and the status page."""
+    reporter = as_reporter(events)
     stop = StopSignal()
     _stop_on_signals(stop)
     setup_logging(settings.log_level, "coordinator", settings.log_format,
@@ -111,19 +171,21 @@ def coordinator_main(settings: Settings, events: Connection) -> None:
     pruning = _periodic_prune(settings, store)
     try:
         server = serve(settings.metrics_host, settings.metrics_port,
-                       CoordinatorApp(monitor, collector, ask_parent_to_reload))
+                       CoordinatorApp(monitor, collector,
+                                      ask_parent_to_reload if reporter.supervised else None))
     except OSError as exc:
-        events.send((
-            "fatal", "coordinator", os.getpid(),
+        reporter.fatal(
+            "coordinator",
             f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror};"
             " set PULSE_METRICS_PORT or --metrics-port",
-        ))
+        )
         return
     monitor.start()
     if pruning is not None:
         pruning.start()
-    _on_reload(events, lambda changes: setattr(monitor, "settings", monitor.settings.replace(**changes)))
-    events.send(("ready", "coordinator", os.getpid(), server.server_port))
+    reporter.on_reload(lambda changes: setattr(monitor, "settings", monitor.settings.replace(**changes)))
+    reporter.ready("coordinator", server.server_port,
+                   f"coordinator, metrics on http://{settings.metrics_host}:{server.server_port}/metrics")
     stop.wait()
     server.shutdown()
     if pruning is not None:

@@ -45,6 +45,13 @@ def request_reload(base: str) -> str | None:
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS):
             return None
+    except urllib.error.HTTPError as exc:
+        # A coordinator that answers but cannot reload (standalone) says why in its JSON body.
+        try:
+            reason = json.loads(exc.read())["error"]
+        except (ValueError, KeyError, TypeError, OSError):
+            reason = f"HTTP {exc.code}"
+        return f"the coordinator at {base} cannot reload: {reason}"
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return f"no coordinator answers at {base} ({reason}); is `pool start` running?"

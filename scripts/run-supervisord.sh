@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Start pool's supervisord programs with a fresh metrics directory:
+#   PULSE_WORKERS=8 scripts/run-supervisord.sh [path/to/supervisord.conf]
+# supervisord.conf points PROMETHEUS_MULTIPROC_DIR at metrics/ beside itself. Files left there by an
+# earlier run would be added to this run's totals, and only the start of the whole set of programs
+# may wipe them (a poller restarted alone counts on from its own files).
+set -euo pipefail
+conf=${1:-supervisord.conf}
+[ -f "$conf" ] || { echo "run-supervisord: no such file: $conf" >&2; exit 2; }
+[ -n "${PULSE_WORKERS:-}" ] || { echo "run-supervisord: set PULSE_WORKERS, the number of pollers" >&2; exit 2; }
+here=$(cd "$(dirname "$conf")" && pwd)
+rm -rf "$here/metrics"
+mkdir -p "$here/metrics"
+exec supervisord -c "$conf" -n
