@@ -45,7 +45,11 @@ def _on_reload(events: Connection, apply: Callable[[dict[str, Any]], None]) -> N
             try:
                 kind, changes = events.recv()
             except (EOFError, OSError):
-                return  # the supervisor is gone; the stop signal ends this process
+                # The supervisor is gone (killed, say): drain and stop as on its SIGTERM, rather
+                # than relay on as an orphan nobody will stop or restart.
+                log.warning("pool start is gone; stopping")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             if kind == "reload":
                 if "log_level" in changes:
                     logging.getLogger().setLevel(changes["log_level"])

@@ -178,3 +178,34 @@ def test_a_taken_metrics_port_exits_2_with_the_reason(tmp_path):
     assert result.returncode == 2, result.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_pollers_stop_by_themselves_when_pool_start_is_killed(tmp_path):
+    env = clean_env()
+    assert run_pool("init-db", env=env, cwd=tmp_path).returncode == 0
+    pool = PoolProcess("start", "--workers", "2", "--metrics-port", "0", env=env, cwd=tmp_path)
+    try:
+        children = [int(pool.wait_for_line(rf"started {name} \(pid (\d+)\)")[1])
+                    for name in ("coordinator", "poller-0", "poller-1")]
+        pool.wait_for_line(r"ready: 2 pollers")
+        os.kill(pool.proc.pid, signal.SIGKILL)  # the supervisor alone, not its process group
+
+        def all_gone() -> bool:
+            for pid in children:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    continue
+                # A zombie (not yet reaped by init) has stopped too.
+                try:
+                    with open(f"/proc/{pid}/stat") as stat:
+                        if stat.read().split(") ")[1][0] != "Z":
+                            return False
+                except FileNotFoundError:
+                    continue  # reaped between the two looks
+            return True
+
+        wait_until(all_gone, timeout=30, message="the orphaned children to stop")
+    finally:
+        pool.kill()
+    assert "pool start is gone; stopping" in pool.output()
