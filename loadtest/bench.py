@@ -86,6 +86,7 @@ SEED_STYLE_DEFAULT_CAP = 10_000
 POOL = "pool start"
 SEED_STYLE = "seed-style loop"
 DB_ONLY = "database-only (claim+ack)"
+HOSTS = "pool start, several hosts"
 BROKER_PUBLISH = "broker-only (RedisBatchPublisher)"
 BROKER_LPUSH = "broker-only (LPUSH prebuilt)"
 
@@ -553,6 +554,84 @@ def measure_pool(args: argparse.Namespace, workers: int) -> Result:
     return result
 
 
+def measure_instances(args: argparse.Namespace, instances: int, workers: int) -> Result:
+    """`instances` separate `pool start --workers W --host-id bench-K` on one table, as several
+    hosts would run it: they share the shards through leases in the database."""
+    rows = args.rows
+    result = Result(HOSTS, instances * workers, rows)
+    with fresh_schema(args.pg) as db_url:
+        seed_rows(db_url, args.redis, rows, f"{instances} x pool start --workers {workers}")
+        flush_redis(args.redis)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "PROMETHEUS_"))}
+        env.update(PULSE_DB_URL=db_url, PULSE_BROKER_URL=args.redis, PULSE_LOG_LEVEL="INFO",
+                   PULSE_BACKPRESSURE_HIGH="0", PULSE_BATCH_SIZE=str(args.batch_size))
+        procs, readies, tails = [], [], []
+        for k in range(instances):
+            command = [sys.executable, "-m", "pool", "start", "--workers", str(workers),
+                       "--metrics-port", "0", "--host-id", f"bench-{k}"]
+            proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+            ready, tail = threading.Event(), deque(maxlen=20)
+
+            def read(proc: subprocess.Popen = proc, ready: threading.Event = ready,
+                     tail: deque = tail) -> None:
+                assert proc.stderr is not None
+                for line in proc.stderr:
+                    tail.append(line.rstrip("\n"))
+                    if "ready:" in line:
+                        ready.set()
+
+            threading.Thread(target=read, daemon=True).start()
+            procs.append(proc)
+            readies.append(ready)
+            tails.append(tail)
+        note(f"  running {instances} x pool start --workers {workers} (host ids bench-0..{instances - 1})")
+        counter = UnprocessedCounter(db_url)
+        watch = redis_client(args.redis)
+        try:
+            deadline = time.monotonic() + 120
+            for ready in readies:
+                if not ready.wait(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError("not every pool start got ready within 120 s")
+            started = time.monotonic()
+            server_before = server_cpu()
+            timeout = 120 + rows / 200
+            while watch.llen(QUEUE) < rows or counter.count():
+                if any(has_exited(proc) for proc in procs):
+                    raise RuntimeError("a pool start exited during the drain")
+                if time.monotonic() - started > timeout:
+                    raise RuntimeError(f"rows still unprocessed after {timeout:.0f} s")
+                time.sleep(POLL_EVERY)
+            result.seconds = time.monotonic() - started
+            server_after = server_cpu()
+            if server_before is not None and server_after is not None:
+                result.server_cpu_seconds = server_after - server_before
+            for proc in procs:
+                os.kill(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                if reap(proc, timeout=60) is None:
+                    result.fail("a pool start did not stop within 60 s of SIGTERM")
+        except Exception as exc:  # noqa: BLE001 - reported as a FAIL row; the other rows still run
+            result.fail(str(exc))
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    reap(proc, timeout=30)
+            counter.close()
+            watch.close()
+        codes = [proc.returncode for proc in procs]
+        if any(code != 0 for code in codes):
+            result.fail(f"pool start exit codes {codes}")
+            note("  output of the first pool start (last lines):\n    " + "\n    ".join(tails[0]))
+        if result.seconds is not None:
+            check_queue(result, args.redis, rows)
+        result.add_note(f"{instances} hosts x {workers} workers")
+    flush_redis(args.redis)
+    return result
+
+
 # --- worker processes for the seed-style loop and the limits -----------------------------------
 # Each worker is spawned, sets itself up (imports, connections, data), says "ready", waits for
 # "go", runs its job and reports when it finished. The clock runs from "go" to the last finish.
@@ -691,19 +770,20 @@ def seed_style_setup(db_url: str, broker_url: str, limit: int) -> Job:
     return job
 
 
-def db_only_setup(db_url: str, shard_count: int, shard: int, batch_size: int) -> Job:
-    """The store's claim + ack loop over one shard, exactly as a poller runs it, minus publishing."""
+def db_only_setup(db_url: str, shard_count: int, shards: list[int], batch_size: int) -> Job:
+    """The store's claim + ack loop over a poller's share of the shards, as a poller runs it,
+    minus publishing (and minus shard leases: the share is fixed here)."""
     from pool.store import open_store
 
     store = open_store(make_settings(db_url, "redis://unused", batch_size))
     retry_db(lambda: store.engine.connect().close(), "connect")
-    owner = f"bench:{os.getpid()}:{shard}"
+    owner = f"bench:{os.getpid()}"
 
     def job() -> tuple[int, int]:
         retries = Retries()
         done = 0
         while True:
-            claim = retry_db(lambda: store.claim(owner, shard_count, shard, batch_size, LEASE_SECONDS),
+            claim = retry_db(lambda: store.claim(owner, shard_count, shards, batch_size, LEASE_SECONDS),
                              "claim", retries)
             if not claim.rows:
                 break
@@ -784,7 +864,11 @@ def measure_db_only(args: argparse.Namespace, workers: int) -> Result:
     with fresh_schema(args.pg) as db_url:
         seed_rows(db_url, args.redis, args.rows, DB_ONLY)
         note(f"  running claim + ack in {plural(workers, 'process')}")
-        per_worker = [(db_url, workers, shard, args.batch_size) for shard in range(workers)]
+        from pool.config import Settings
+
+        count = Settings().shards  # as `pool init-db` splits the table
+        per_worker = [(db_url, count, [s for s in range(count) if s % workers == k], args.batch_size)
+                      for k in range(workers)]
         run = run_workers(db_only_setup, per_worker, worker_timeout(args.rows))
         fill(result, run, args.rows)
         left = retry_db(lambda: execute(db_url, UnprocessedCounter.SQL), "count")[0]
@@ -949,6 +1033,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strict-poll", action="store_true",
                         help="run the count(*) completion poll every 50 ms from the start, not only once"
                              " the queue holds every message (more load on PostgreSQL while timing)")
+    parser.add_argument("--instances", type=int, default=0,
+                        help="also run this many `pool start` instances (hosts) on one table, splitting the"
+                             " largest worker count between them (default: 0, skip)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 5000 rows, workers 1,2, seed-style on 1000 rows")
     args = parser.parse_args(argv)
@@ -1016,6 +1103,11 @@ def main(argv: list[str] | None = None) -> int:
         for workers in args.workers:
             note(f"[pool start --workers {workers}]")
             results += guarded(POOL, workers, args.rows, lambda w=workers: measure_pool(args, w))
+        if args.instances > 1:
+            per_host = max(1, limit_workers // args.instances)
+            note(f"[{args.instances} x pool start --workers {per_host}]")
+            results += guarded(HOSTS, args.instances * per_host, args.rows,
+                               lambda: measure_instances(args, args.instances, per_host))
         note(f"[{SEED_STYLE}]")
         results += guarded(SEED_STYLE, 1, args.seed_style_rows, lambda: measure_seed_style(args))
         note(f"[{DB_ONLY}]")
