@@ -48,6 +48,7 @@ POLLER_GAUGES = {  # label worker
     "pool_poller_start_time_seconds",
     "pool_poller_batch_size",
     "pool_poller_poll_interval_seconds",
+    "pool_poller_shards",
 }
 COORDINATOR_GAUGES = {  # no worker label; pool_backlog_shard_rows has shard
     "pool_backlog_rows",
