@@ -37,8 +37,10 @@ def _stop_on_signals(stop: StopSignal) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
-def _on_reload(events: Connection, apply: Callable[[dict[str, Any]], None]) -> None:
-    """Apply the settings the supervisor sends after a reload, from a thread of its own."""
+def _on_reload(events: Connection, apply: Callable[[dict[str, Any]], None],
+               parent_gone: Callable[[], None]) -> None:
+    """Apply the settings the supervisor sends after a reload, from a thread of its own; call
+    `parent_gone` if the supervisor's end of the pipe closes."""
 
     def listen() -> None:
         while True:
@@ -48,7 +50,7 @@ def _on_reload(events: Connection, apply: Callable[[dict[str, Any]], None]) -> N
                 # The supervisor is gone (killed, say): drain and stop as on its SIGTERM, rather
                 # than relay on as an orphan nobody will stop or restart.
                 log.warning("pool start is gone; stopping")
-                os.kill(os.getpid(), signal.SIGTERM)
+                parent_gone()
                 return
             if kind == "reload":
                 if "log_level" in changes:
@@ -69,7 +71,8 @@ class Reporter(Protocol):
 
     def fatal(self, name: str, message: str) -> None: ...
 
-    def on_reload(self, apply: Callable[[dict[str, Any]], None]) -> None: ...
+    def on_reload(self, apply: Callable[[dict[str, Any]], None],
+                  parent_gone: Callable[[], None] = lambda: None) -> None: ...
 
 
 class PipeReporter:
@@ -86,8 +89,9 @@ class PipeReporter:
     def fatal(self, name: str, message: str) -> None:
         self.events.send(("fatal", name, os.getpid(), message))
 
-    def on_reload(self, apply: Callable[[dict[str, Any]], None]) -> None:
-        _on_reload(self.events, apply)
+    def on_reload(self, apply: Callable[[dict[str, Any]], None],
+                  parent_gone: Callable[[], None] = lambda: None) -> None:
+        _on_reload(self.events, apply, parent_gone)
 
 
 class LogReporter:
@@ -104,7 +108,8 @@ class LogReporter:
     def fatal(self, name: str, message: str) -> None:
         raise ConfigError(message)
 
-    def on_reload(self, apply: Callable[[dict[str, Any]], None]) -> None:
+    def on_reload(self, apply: Callable[[dict[str, Any]], None],
+                  parent_gone: Callable[[], None] = lambda: None) -> None:
         """Nothing sends reloads to a process started on its own."""
 
 
@@ -144,7 +149,8 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     identity = PollerIdentity(owner=f"{host}:{os.getpid()}:{index}", index=index, shard_count=shard_count)
     poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth, shards=keeper)
     # The loop reads poller.settings afresh for every batch: one assignment swaps them.
-    reporter.on_reload(lambda changes: setattr(poller, "settings", poller.settings.replace(**changes)))
+    reporter.on_reload(lambda changes: setattr(poller, "settings", poller.settings.replace(**changes)),
+                       parent_gone=stop.request)
     reporter.ready(worker_slot(index))
     try:
         poller.run()
@@ -187,7 +193,8 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     monitor.start()
     if pruning is not None:
         pruning.start()
-    reporter.on_reload(lambda changes: setattr(monitor, "settings", monitor.settings.replace(**changes)))
+    reporter.on_reload(lambda changes: setattr(monitor, "settings", monitor.settings.replace(**changes)),
+                       parent_gone=stop.request)
     reporter.ready("coordinator", server.server_port,
                    f"coordinator, metrics on http://{settings.metrics_host}:{server.server_port}/metrics")
     stop.wait()

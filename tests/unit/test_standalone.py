@@ -184,11 +184,14 @@ def test_pipe_reporter_speaks_the_supervisors_protocol() -> None:
     reporter.fatal("coordinator", "port taken")
     assert ours.recv() == ("ready", "coordinator", os.getpid(), 9200)
     assert ours.recv() == ("fatal", "coordinator", os.getpid(), "port taken")
-    applied = threading.Event()
-    reporter.on_reload(lambda changes: applied.set() if changes == {"batch_size": 7} else None)
+    applied, gone = threading.Event(), threading.Event()
+    reporter.on_reload(lambda changes: applied.set() if changes == {"batch_size": 7} else None,
+                       parent_gone=gone.set)
     ours.send(("reload", {"batch_size": 7}))
     assert applied.wait(10)
-    ours.close()
+    assert not gone.is_set()
+    ours.close()  # the supervisor dies
+    assert gone.wait(10)
     theirs.close()
 
 
