@@ -99,11 +99,13 @@ def test_scraped_totals_equal_the_database_before_and_after_a_poller_restart(pg_
         def status() -> dict:
             return get(port, "/status.json")[1]
 
-        wait_until(lambda: status()["backlog"] == 0 and status()["pollers_live"] == WORKERS, timeout=30,
-                   message="a status refresh after the drain")
-        snap = status()
-        assert snap["healthy"] and snap["problems"] == []
-        assert snap["dead"] == 0 and snap["queue_depth"] == 6000  # no worker consumes here
+        def refreshed_after_the_drain() -> dict | None:
+            snap = status()  # nobody consumes the queue here: all 6,000 messages wait in it
+            done = snap["queue_depth"] == 6000 and snap["backlog"] == 0 and snap["pollers_live"] == WORKERS
+            return snap if done else None
+
+        snap = wait_until(refreshed_after_the_drain, timeout=30, message="a status refresh after the drain")
+        assert snap["healthy"] and snap["problems"] == [] and snap["dead"] == 0
         assert {p["worker"]: p["pid"] for p in snap["pollers"]}[2] == successor
         assert snap["totals"]["acked"] == 6000
         assert get(port, "/readyz") == (200, {"ready": True, "problems": []})
