@@ -419,15 +419,21 @@ def has_exited(proc: subprocess.Popen) -> bool:
     return info is not None
 
 
+def pool_env(args: argparse.Namespace, db_url: str) -> dict[str, str]:
+    """The environment `pool start` runs with here: this one's, minus any PULSE_* / PROMETHEUS_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "PROMETHEUS_"))}
+    env.update(PULSE_DB_URL=db_url, PULSE_BROKER_URL=args.redis, PULSE_LOG_LEVEL="INFO",
+               PULSE_BACKPRESSURE_HIGH="0", PULSE_BATCH_SIZE=str(args.batch_size))
+    return env
+
+
 def measure_pool(args: argparse.Namespace, workers: int) -> Result:
     rows = args.rows
     result = Result(POOL, workers, rows)
     with fresh_schema(args.pg) as db_url:
         seed_rows(db_url, args.redis, rows, f"pool start --workers {workers}")
         flush_redis(args.redis)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "PROMETHEUS_"))}
-        env.update(PULSE_DB_URL=db_url, PULSE_BROKER_URL=args.redis, PULSE_LOG_LEVEL="INFO",
-                   PULSE_BACKPRESSURE_HIGH="0", PULSE_BATCH_SIZE=str(args.batch_size))
+        env = pool_env(args, db_url)
         command = [sys.executable, "-m", "pool", "start", "--workers", str(workers), "--metrics-port", "0"]
         counter = UnprocessedCounter(db_url)
         tail: deque[str] = deque(maxlen=40)
@@ -562,9 +568,7 @@ def measure_instances(args: argparse.Namespace, instances: int, workers: int) ->
     with fresh_schema(args.pg) as db_url:
         seed_rows(db_url, args.redis, rows, f"{instances} x pool start --workers {workers}")
         flush_redis(args.redis)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "PROMETHEUS_"))}
-        env.update(PULSE_DB_URL=db_url, PULSE_BROKER_URL=args.redis, PULSE_LOG_LEVEL="INFO",
-                   PULSE_BACKPRESSURE_HIGH="0", PULSE_BATCH_SIZE=str(args.batch_size))
+        env = pool_env(args, db_url)
         procs, readies, tails = [], [], []
         for k in range(instances):
             command = [sys.executable, "-m", "pool", "start", "--workers", str(workers),
