@@ -996,9 +996,10 @@ def write_chart(path: Path, results: list[Result], rows: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {POOL: "#1f77b4", SEED_STYLE: "#d62728", DB_ONLY: "#2ca02c",
+    colours = {POOL: "#1f77b4", HOSTS: "#17becf", SEED_STYLE: "#d62728", DB_ONLY: "#2ca02c",
                BROKER_PUBLISH: "#ff7f0e", BROKER_LPUSH: "#9467bd"}
-    labels = [f"{r.what}, {plural(r.workers, 'worker' if r.what == POOL else 'process')}" for r in results]
+    labels = [f"{r.what}, {plural(r.workers, 'worker' if r.what in (POOL, HOSTS) else 'process')}"
+              for r in results]
     rates = [r.rate or 0.0 for r in results]
     positive = [rate for rate in rates if rate > 0] or [10.0]
     left, right = 10 ** math.floor(math.log10(min(positive))), max(positive) * 4
