@@ -55,7 +55,8 @@ def desired_shards(members: Sequence[str], me: str, shard_count: int) -> list[in
 
 
 class ShardKeeper:
-    """Holds this poller's shard leases: renews them every ttl/3 and follows membership."""
+    """Holds this poller's shard leases: renews them (every second, or ttl/3 if shorter; every
+    0.1 s while shares move) and follows membership."""
 
     def __init__(self, store: ShardLeaseStore, host: str, slot: str, ttl: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -87,7 +88,7 @@ class ShardKeeper:
         self._members_seen = len(members)
         if held != self.held:
             log.info("holding %d of %d shards (%d pollers live): %s", len(held), self.shard_count,
-                     len(set(members) | {self.member}), _ranges(held),
+                     len(set(members) | {self.member}), _listing(held),
                      extra={"fields": {"event": "shards_changed", "shards": len(held),
                                        "members": len(set(members) | {self.member})}})
         self.held = held
@@ -104,5 +105,5 @@ class ShardKeeper:
         self.held = []
 
 
-def _ranges(shards: Sequence[int]) -> str:
+def _listing(shards: Sequence[int]) -> str:
     return ", ".join(str(s) for s in shards[:16]) + (" …" if len(shards) > 16 else "") if shards else "none"
