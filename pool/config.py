@@ -166,67 +166,69 @@ DB_SCHEMES = ("sqlite", "postgresql", "postgres")
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "filesystem", "memory")
 
 
+# Numeric settings: (type, smallest, largest).
+NUMBER_RANGES: dict[str, tuple[type, float, float]] = {
+    "poll_interval": (float, 0.001, 3600.0),
+    "busy_poll_interval": (float, 0.001, 3600.0),
+    "lease_seconds": (float, 1.0, 86400.0),
+    "retry_base_seconds": (float, 0.001, 86400.0),
+    "retry_cap_seconds": (float, 0.001, 86400.0),
+    "shutdown_timeout": (float, 0.1, 3600.0),
+    "status_interval": (float, 0.1, 3600.0),
+    "shard_lease_seconds": (float, 1.0, 3600.0),
+    "max_attempts": (int, 1, 1000),
+    "max_payload_bytes": (int, 256, 512 * 1024 * 1024),
+    "backpressure_high": (int, 0, 1_000_000_000),
+    "backpressure_low": (int, 0, 1_000_000_000),
+    "batch_size": (int, 1, 100_000),
+    "workers": (int, 1, 256),
+    "metrics_port": (int, 0, 65535),
+    "shards": (int, 1, 4096),
+}
+
+
+def _parse_choice(env_name: str, raw: Any, choices: tuple[str, ...], fold: Any) -> str:
+    value = fold(str(raw).strip())
+    if value not in choices:
+        raise ConfigError(f"{env_name} must be one of {', '.join(choices)}, got {str(raw)[:40]!r}")
+    return value
+
+
+def _parse_pattern(env_name: str, raw: Any, pattern: re.Pattern, described: str) -> str:
+    value = str(raw).strip()
+    if not pattern.match(value):
+        raise ConfigError(f"{env_name} must be {described}, got {value[:40]!r}")
+    return value
+
+
 def _parse(key: str, raw: Any) -> Any:
     env_name = ENVIRONMENT[key]
+    if key in NUMBER_RANGES:
+        kind, smallest, largest = NUMBER_RANGES[key]
+        if kind is int:
+            return _parse_int(env_name, raw, int(smallest), int(largest))
+        return _parse_float(env_name, raw, smallest, largest)
     if key == "db_url":
         return _parse_url(env_name, raw, DB_SCHEMES)
     if key == "broker_url":
         return _parse_url(env_name, raw, BROKER_SCHEMES)
-    if key in ("poll_interval", "busy_poll_interval"):
-        return _parse_float(env_name, raw, 0.001, 3600.0)
-    if key == "lease_seconds":
-        return _parse_float(env_name, raw, 1.0, 86400.0)
-    if key in ("retry_base_seconds", "retry_cap_seconds"):
-        return _parse_float(env_name, raw, 0.001, 86400.0)
-    if key == "shutdown_timeout":
-        return _parse_float(env_name, raw, 0.1, 3600.0)
-    if key == "max_attempts":
-        return _parse_int(env_name, raw, 1, 1000)
-    if key == "max_payload_bytes":
-        return _parse_int(env_name, raw, 256, 512 * 1024 * 1024)
-    if key in ("backpressure_high", "backpressure_low"):
-        return _parse_int(env_name, raw, 0, 1_000_000_000)
-    if key == "batch_size":
-        return _parse_int(env_name, raw, 1, 100_000)
-    if key == "workers":
-        return _parse_int(env_name, raw, 1, 256)
-    if key == "metrics_port":
-        return _parse_int(env_name, raw, 0, 65535)
     if key == "table" or key.startswith("column_"):
         return _parse_identifier(env_name, raw)
     if key == "queue":
-        value = str(raw).strip()
-        if not QUEUE_NAME.match(value):
-            raise ConfigError(f"{env_name} must be 1-200 characters of A-Z a-z 0-9 _ . : -")
-        return value
+        return _parse_pattern(env_name, raw, QUEUE_NAME, "1-200 characters of A-Z a-z 0-9 _ . : -")
+    if key == "host_id":
+        return _parse_pattern(env_name, raw, HOST_ID, "1-100 characters of A-Z a-z 0-9 _ . -")
     if key == "task_name":
         value = str(raw).strip()
         if not value or any(ch.isspace() for ch in value):
             raise ConfigError(f"{env_name} must be a non-empty task name without spaces")
         return value
     if key == "log_level":
-        value = str(raw).strip().upper()
-        if value not in LOG_LEVELS:
-            raise ConfigError(f"{env_name} must be one of {', '.join(LOG_LEVELS)}")
-        return value
-    if key == "status_interval":
-        return _parse_float(env_name, raw, 0.1, 3600.0)
-    if key == "shards":
-        return _parse_int(env_name, raw, 1, 4096)
-    if key == "shard_lease_seconds":
-        return _parse_float(env_name, raw, 1.0, 3600.0)
-    if key == "host_id":
-        value = str(raw).strip()
-        if not HOST_ID.match(value):
-            raise ConfigError(f"{env_name} must be 1-100 characters of A-Z a-z 0-9 _ . -, got {value!r}")
-        return value
+        return _parse_choice(env_name, raw, LOG_LEVELS, str.upper)
+    if key == "log_format":
+        return _parse_choice(env_name, raw, LOG_FORMATS, str.lower)
     if key == "prune_processed_after":
         return _parse_age(env_name, raw)
-    if key == "log_format":
-        value = str(raw).strip().lower()
-        if value not in LOG_FORMATS:
-            raise ConfigError(f"{env_name} must be one of {', '.join(LOG_FORMATS)}, got {str(raw)[:40]!r}")
-        return value
     value = str(raw).strip()
     if not value:
         raise ConfigError(f"{env_name} must not be empty")
