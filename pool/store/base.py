@@ -179,7 +179,9 @@ class SqlStore(ShardLeaseTables):
         """What makes a row selection pass over rows another transaction has locked."""
         return ""
 
-    def claim(self, owner: str, shard_count: int, shard: int, limit: int, lease_seconds: float) -> Claim:
+    def _claim_rows(self, params: dict[str, Any]) -> tuple[list[tuple], int]:
+        """Lease up to `limit` due rows of `shards` to (owner, token), all in `params`; returns their
+        (id, name, value, source, timestamp, attempts) and how many were taken over."""
         raise NotImplementedError
 
     def _create_table_sql(self) -> str:
@@ -203,6 +205,21 @@ class SqlStore(ShardLeaseTables):
         raise NotImplementedError
 
     # --- shared --------------------------------------------------------------------
+    def claim(self, owner: str, shard_count: int, shard: int | Sequence[int], limit: int,
+              lease_seconds: float) -> Claim:
+        """Lease up to `limit` due rows of the given shard(s) (rows with id % shard_count in them)."""
+        shards = shard_list(shard)
+        lease = new_lease(owner)
+        if not shards:
+            return Claim(lease=lease, rows=[])
+        params = {
+            "shard_count": shard_count, "shards": shards, "limit": limit,
+            "owner": lease.owner, "token": lease.token, "lease": lease_seconds,
+        }
+        rows, reclaimed = self._claim_rows(params)
+        claimed = sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
+        return Claim(lease=lease, rows=claimed, reclaimed=reclaimed)
+
     def _one_statement(self, work: Callable[[Connection], T]) -> T:
         """Run one statement as its own transaction, on a connection the store keeps.
 

@@ -9,7 +9,7 @@ from sqlalchemy import TextClause, event, text
 from sqlalchemy.engine import Connection, Engine
 
 from pool.config import Settings
-from pool.store.base import Claim, ClaimedRow, SqlStore, index_name, new_lease, shard_list
+from pool.store.base import SqlStore, index_name, shard_list
 from pool.store.pg_notify import CHANNEL_OID_SQL, PgNotifyListener, notify_channel
 
 RELAY_COLUMN_TYPES = {
@@ -199,32 +199,22 @@ class PostgresStore(SqlStore):
             conn.rollback()
         return plan[0]["Plan"]
 
-    def claim(self, owner: str, shard_count: int, shard: int | Sequence[int], limit: int,
-              lease_seconds: float) -> Claim:
-        shards = shard_list(shard)
-        lease = new_lease(owner)
-        if not shards:
-            return Claim(lease=lease, rows=[])
+    def _claim_rows(self, params: dict[str, Any]) -> tuple[list[tuple], int]:
         c = self.settings.columns
         q = self.q
         sql = f"""
             WITH picked AS ({self._pick_sql()})
             UPDATE {self.t} AS s
                SET lease_owner = :owner, lease_token = :token,
-                   lease_until = clock_timestamp() + make_interval(secs => :lease)
+                   lease_until = {self._plus_seconds('lease')}
               FROM picked
              WHERE s.{self.c_id} = picked.{self.c_id}
             RETURNING s.{q(c.id)}, s.{q(c.name)}, s.{q(c.value)}, s.{q(c.source)},
                       s.{q(c.timestamp)}, s.attempts, picked.reclaimed
         """
-        params = {
-            "shard_count": shard_count, "shards": shards, "limit": limit,
-            "owner": lease.owner, "token": lease.token, "lease": lease_seconds,
-        }
         statement = self._statement(sql)
         rows = self._one_statement(lambda conn: conn.execute(statement, params).all())
-        claimed = sorted((ClaimedRow(*r[:6]) for r in rows), key=lambda r: r.id)
-        return Claim(lease=lease, rows=claimed, reclaimed=sum(1 for r in rows if r[6]))
+        return [tuple(r[:6]) for r in rows], sum(1 for r in rows if r[6])
 
     def insert_signals(self, rows: Sequence[Mapping[str, Any]]) -> int:
         c = self.settings.columns

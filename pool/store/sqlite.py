@@ -10,7 +10,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
 from pool.errors import ConfigError
-from pool.store.base import Claim, ClaimedRow, SqlStore, new_lease, shard_list
+from pool.store.base import SqlStore
 
 # Times are stored as UTC text in one fixed format so that they compare as strings.
 NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
@@ -117,12 +117,7 @@ class SqliteStore(SqlStore):
         rows = conn.execute(text(f"PRAGMA table_info({self.t})")).all()
         return {r[1] for r in rows} or None
 
-    def claim(self, owner: str, shard_count: int, shard: int | Sequence[int], limit: int,
-              lease_seconds: float) -> Claim:
-        shards = shard_list(shard)
-        lease = new_lease(owner)
-        if not shards:
-            return Claim(lease=lease, rows=[])
+    def _claim_rows(self, params: dict[str, Any]) -> tuple[list[tuple], int]:
         c = self.settings.columns
         q = self.q
         pick = f"""
@@ -143,10 +138,6 @@ class SqliteStore(SqlStore):
              WHERE {self._ids_clause()}
             RETURNING {q(c.id)}, {q(c.name)}, {q(c.value)}, {q(c.source)}, {q(c.timestamp)}, attempts
         """
-        params = {
-            "shard_count": shard_count, "shards": shards, "limit": limit,
-            "owner": lease.owner, "token": lease.token, "lease": lease_seconds,
-        }
         with self.engine.begin() as conn:
             picked = conn.execute(self._statement(pick, expanding=("shards",)), params).all()
             reclaimed = sum(1 for r in picked if r[1])
@@ -155,8 +146,7 @@ class SqliteStore(SqlStore):
             if ids:
                 rows = conn.execute(self._statement(update, with_ids=True),
                                     {k: v for k, v in params.items() if k != "shards"} | {"ids": ids}).all()
-        claimed = sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
-        return Claim(lease=lease, rows=claimed, reclaimed=reclaimed)
+        return [tuple(r) for r in rows], reclaimed
 
     def insert_signals(self, rows: Sequence[Mapping[str, Any]]) -> int:
         c = self.settings.columns
