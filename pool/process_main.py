@@ -17,19 +17,19 @@ from pool.config import Settings
 from pool.errors import ConfigError
 from pool.logs import setup_logging
 from pool.poller import StopSignal
+from pool.signal_relay import relay_signals
 
 log = logging.getLogger(__name__)
 
 
 def _stop_on_signals(stop: StopSignal) -> None:
-    def _handler(signum: int, _frame: Any) -> None:
+    def _stop(signum: int) -> None:
         if stop.is_set():
             return
         log.info("received %s: finishing the in-flight batch", signal.Signals(signum).name)
         stop.request()
 
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
+    relay_signals((signal.SIGTERM, signal.SIGINT), _stop)
     # Reloads come from the supervisor over the pipe; a hangup of the whole process group
     # (a closed terminal) must not end the children by default.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
