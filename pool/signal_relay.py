@@ -11,11 +11,14 @@ and logging are safe.
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _ignore(_signum: int, _frame: Any) -> None:
@@ -29,7 +32,8 @@ def relay_signals(signums: Iterable[int], on_signal: Callable[[int], None]) -> N
     wanted = frozenset(signums)
     receiver, sender = socket.socketpair()
     sender.setblocking(False)
-    # A burst larger than the socket buffer only loses repeats of signals already queued.
+    # If the relay falls a socket buffer behind, further numbers are dropped, not blocked on:
+    # the C handler must never block. For stop signals the queued ones suffice.
     signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
     for signum in wanted:
         signal.signal(signum, _ignore)
@@ -42,6 +46,9 @@ def relay_signals(signums: Iterable[int], on_signal: Callable[[int], None]) -> N
                 return
             for signum in data:
                 if signum in wanted:
-                    on_signal(signum)
+                    try:
+                        on_signal(signum)
+                    except Exception:  # the relay must outlive a failing callback
+                        log.exception("handling %s failed", signal.Signals(signum).name)
 
     threading.Thread(target=relay, args=(receiver, sender), name="signal-relay", daemon=True).start()
