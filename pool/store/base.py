@@ -138,6 +138,10 @@ class SqlStore(ShardLeaseTables):
         self.t = quote(settings.table)
         self.c_id = quote(cols.id)
         self.c_processed = quote(cols.processed)
+        # The partial indexes' predicates. A query must spell them exactly so for the planner
+        # to answer it from the index, hence one definition for the index and every query.
+        self.pending = f"{self.c_processed} = 0 AND dead_at IS NULL"
+        self.dead = "dead_at IS NOT NULL"
         self.payload_columns = ", ".join(
             quote(c) for c in (cols.id, cols.name, cols.value, cols.source, cols.timestamp)
         )
@@ -272,8 +276,8 @@ class SqlStore(ShardLeaseTables):
             # stays index-driven however many processed or dead rows pile up; the status
             # counts of pending and dead rows read only these small indexes.
             wanted = {
-                index_name(settings.table, "pool_pending"): f"{self.c_processed} = 0 AND dead_at IS NULL",
-                index_name(settings.table, "pool_dead"): "dead_at IS NOT NULL",
+                index_name(settings.table, "pool_pending"): self.pending,
+                index_name(settings.table, "pool_dead"): self.dead,
             }
             indexes: tuple[str, ...] = ()
             for name, predicate in wanted.items():
@@ -369,10 +373,12 @@ class SqlStore(ShardLeaseTables):
             rows = conn.execute(text(sql), {"limit": limit}).all()
         return [DeadRow(int(r[0]), int(r[1]), r[2], float(r[3] or 0.0)) for r in rows]
 
+    def _count_dead_statement(self) -> TextClause:
+        return self._statement(f"SELECT COUNT(*) FROM {self.t} WHERE {self.dead}")
+
     def count_dead(self) -> int:
         with self.engine.connect() as conn:
-            sql = f"SELECT COUNT(*) FROM {self.t} WHERE dead_at IS NOT NULL"
-            return int(conn.execute(text(sql)).scalar_one())
+            return int(conn.execute(self._count_dead_statement()).scalar_one())
 
     def requeue_dead(self, ids: Sequence[int] | None) -> int:
         """Give dead rows a fresh start (all of them when ids is None)."""
@@ -396,7 +402,7 @@ class SqlStore(ShardLeaseTables):
     def backlog_stats(self, shard_count: int) -> BacklogStats:
         """Backlog per shard, the age of the oldest pending row, and dead rows: each query is
         answered from a partial index, so this stays cheap as processed rows pile up."""
-        pending = f"{self.c_processed} = 0 AND dead_at IS NULL"
+        pending = self.pending
         by_shard_sql = self._statement(
             f"SELECT {self.c_id} % :n, COUNT(*) FROM {self.t} WHERE {pending} GROUP BY {self.c_id} % :n"
         )
@@ -405,7 +411,7 @@ class SqlStore(ShardLeaseTables):
             f"SELECT {self._age_seconds(self.q(self.settings.columns.timestamp))} FROM {self.t}"
             f" WHERE {pending} ORDER BY {self.c_id} LIMIT 1"
         )
-        dead_sql = self._statement(f"SELECT COUNT(*) FROM {self.t} WHERE dead_at IS NOT NULL")
+        dead_sql = self._count_dead_statement()
 
         def read(conn: Connection) -> BacklogStats:
             by_shard = {int(shard): int(count)
@@ -461,8 +467,8 @@ class SqlStore(ShardLeaseTables):
         p = self.c_processed
         sql = (
             f"SELECT COALESCE(SUM(CASE WHEN {p} = 1 THEN 1 ELSE 0 END), 0),"
-            f" COALESCE(SUM(CASE WHEN {p} = 0 AND dead_at IS NULL THEN 1 ELSE 0 END), 0),"
-            f" COALESCE(SUM(CASE WHEN dead_at IS NOT NULL THEN 1 ELSE 0 END), 0) FROM {self.t}"
+            f" COALESCE(SUM(CASE WHEN {self.pending} THEN 1 ELSE 0 END), 0),"
+            f" COALESCE(SUM(CASE WHEN {self.dead} THEN 1 ELSE 0 END), 0) FROM {self.t}"
         )
         with self.engine.connect() as conn:
             processed, unprocessed, dead = conn.execute(text(sql)).one()

@@ -179,7 +179,7 @@ class PostgresStore(SqlStore):
     def _pick_sql(self) -> str:
         return f"""
                 SELECT {self.c_id}, lease_owner IS NOT NULL AS reclaimed FROM {self.t}
-                WHERE {self.c_processed} = 0 AND dead_at IS NULL
+                WHERE {self.pending}
                   AND {self.c_id} % :shard_count = ANY(:shards)
                   -- re-pick rule: a row is free when unleased or when its lease ran out
                   -- (its poller died or stalled); a live holder keeps the row locked-out.

@@ -17,6 +17,9 @@ from sqlalchemy.engine import Connection
 
 from pool.errors import ConfigError
 
+# A shard row with no holder.
+FREE = "owner = NULL, token = NULL, expires_at = NULL"
+
 
 @dataclass(frozen=True)
 class Member:
@@ -121,18 +124,17 @@ class ShardLeaseTables:
         _meta, shards, _members = self._shard_tables()
         now = self._now()
         desired = sorted(set(desired))
-        release = self._shard_statement(
-            f"UPDATE {shards} SET owner = NULL, token = NULL, expires_at = NULL"
-            f" WHERE owner = :member AND shard NOT IN :desired", desired)
-        release_all = self._statement(
-            f"UPDATE {shards} SET owner = NULL, token = NULL, expires_at = NULL WHERE owner = :member")
-        take = self._shard_statement(
+        release = self._statement(
+            f"UPDATE {shards} SET {FREE} WHERE owner = :member AND shard NOT IN :desired",
+            expanding=("desired",))
+        release_all = self._release_all_statement()
+        take = self._statement(
             # A shard kept by its holder keeps its token; one taken over gets a new one, which
             # fences off anything the old holder still does under the old token.
             f"UPDATE {shards} SET token = CASE WHEN owner = :member AND expires_at >= {now}"
             f" THEN token ELSE :token END, owner = :member, expires_at = {self._plus_seconds('ttl')}"
             f" WHERE shard IN :desired AND (owner = :member OR owner IS NULL OR expires_at < {now})",
-            desired)
+            expanding=("desired",))
         held = self._statement(f"SELECT shard FROM {shards} WHERE owner = :member ORDER BY shard")
 
         def sync(conn: Connection) -> list[int]:
@@ -148,9 +150,8 @@ class ShardLeaseTables:
 
     def leave(self, member: str) -> None:
         """A graceful stop: give the shards back at once and drop the membership."""
-        _meta, shards, members = self._shard_tables()
-        release = self._statement(
-            f"UPDATE {shards} SET owner = NULL, token = NULL, expires_at = NULL WHERE owner = :member")
+        _meta, _shards, members = self._shard_tables()
+        release = self._release_all_statement()
         forget = self._statement(f"DELETE FROM {members} WHERE member = :member")
 
         def go(conn: Connection) -> None:
@@ -181,8 +182,9 @@ class ShardLeaseTables:
         return self._one_statement(read)
 
     # --- helpers ---------------------------------------------------------------------
-    def _shard_statement(self, sql: str, desired: Sequence[int]) -> Any:
-        return self._statement(sql, expanding=("desired",))
+    def _release_all_statement(self) -> Any:
+        _meta, shards, _members = self._shard_tables()
+        return self._statement(f"UPDATE {shards} SET {FREE} WHERE owner = :member")
 
     def _one_transaction(self, work: Any) -> Any:
         # On PostgreSQL the kept connection runs each statement on its own; the shard sync

@@ -122,7 +122,7 @@ class SqliteStore(SqlStore):
         q = self.q
         pick = f"""
             SELECT {self.c_id}, lease_owner IS NOT NULL FROM {self.t}
-             WHERE {self.c_processed} = 0 AND dead_at IS NULL
+             WHERE {self.pending}
                AND {self.c_id} % :shard_count IN :shards
                -- re-pick rule: free when unleased or when its lease ran out
                AND (lease_until IS NULL OR lease_until < {NOW})
