@@ -6,7 +6,7 @@ import json
 
 import redis
 
-from pool.publisher import Publisher, create_publisher
+from pool.publisher import Publisher, PublishResult, create_publisher
 from pool.redis_batch import RedisBatchPublisher
 from pool.seeding import generate_signals
 from pool.store import ClaimedRow
@@ -35,6 +35,15 @@ def odd_rows() -> list[ClaimedRow]:
         {"name": "100% %(body)s %s %%", "source": "{id}"},
     ]
     return [ClaimedRow(**{**vars(row), **change}) for row, change in zip(base, odd, strict=True)]
+
+
+def publish_to_a_broker_that_is_down(broker_url: str, queue: str, count: int) -> PublishResult:
+    """Publish rows 1..count through a publisher whose broker port has nothing listening."""
+    down = create_publisher(make_settings(broker_url=broker_url, queue=queue))
+    try:
+        return down.publish(rows(count))
+    finally:
+        down.close()
 
 
 def comparable(raw: bytes) -> dict:
@@ -80,11 +89,7 @@ def test_redis_batch_is_one_atomic_push_and_reports_an_outage_as_unsent(redis_ur
         assert len({json.loads(m)["properties"]["delivery_tag"] for m in raw}) == 1000
     finally:
         publisher.close()
-    down = create_publisher(make_settings(broker_url="redis://127.0.0.1:1/0", queue=queue_name))
-    try:
-        result = down.publish(rows(5))
-    finally:
-        down.close()
+    result = publish_to_a_broker_that_is_down("redis://127.0.0.1:1/0", queue_name, 5)
     assert result.accepted == [] and result.unsent == [1, 2, 3, 4, 5] and result.broker_error
 
 
@@ -107,9 +112,5 @@ def test_amqp_batch_counts_a_row_only_once_rabbitmq_confirmed_it(amqp_url, queue
             conn.default_channel.queue_delete(queue_name)
         depth.close()
         publisher.close()
-    down = create_publisher(make_settings(broker_url="amqp://guest:guest@127.0.0.1:1//", queue=queue_name))
-    try:
-        result = down.publish(rows(3))
-    finally:
-        down.close()
+    result = publish_to_a_broker_that_is_down("amqp://guest:guest@127.0.0.1:1//", queue_name, 3)
     assert result.accepted == [] and result.unsent == [1, 2, 3] and result.broker_error
