@@ -26,6 +26,9 @@ BACKOFF_START = 0.5
 BACKOFF_CAP = 5.0  # low, so a poller resumes within seconds of an outage ending
 # How long a paused poller waits before asking the broker for its queue depth again.
 DEPTH_CHECK_INTERVAL = 0.25
+# A claim that finds rows after a rest this many busy intervals long (at least two empty claims
+# in a row) ends an idle spell: the other pollers are likely resting as long, or longer.
+IDLE_SPELL_BUSY_INTERVALS = 4
 T = TypeVar("T")
 
 
@@ -222,7 +225,9 @@ class Poller:
         self.heartbeat = LeaseHeartbeat(store, settings.lease_seconds)
         self.wake = store.wake_listener()
         self.paused = False
-        self.rest = 0.0  # how long the poller rested after its last claim
+        self.rest = 0.0  # the rest due after the last claim, before jitter
+        self._last_claimed = -1  # rows of the previous claim (-1: none yet)
+        self._woken = False  # whether the last rest was cut short by a NOTIFY
         self._db_failing = False
         self._broker_failing = False
         # When the current outage began (monotonic), for the seconds it lasted in the recovery line.
@@ -379,30 +384,57 @@ class Poller:
                 broker_backoff = min(broker_backoff * 2, BACKOFF_CAP)
                 continue
             broker_backoff = BACKOFF_START
+            self._wake_peers_after_idle_spell(claimed)
             self.rest = self._rest_after(claimed)
-            if self.rest:
-                self._idle(self.rest)
+            self._woken = self._idle(self._jittered(claimed, self.rest)) if self.rest else False
 
     def _rest_after(self, claimed: int) -> float:
         """How long to rest after a claim of `claimed` rows.
 
         A full batch means more is waiting: no rest. A partial one means rows are arriving:
         poll again after the busy interval, which bounds latency under load. Each empty claim
-        doubles the rest, up to the poll interval, so idle pollers cost next to nothing. With
-        the NOTIFY trigger an insert ends any rest at once."""
+        doubles the rest, up to the poll interval, so idle pollers cost next to nothing. A
+        NOTIFY (the insert trigger's, or another poller's after an idle spell) ends any rest at
+        once; if it found nothing here, rows are arriving elsewhere, so the doubling starts
+        again from the busy interval."""
         s = self.settings
         if claimed >= s.batch_size:
             return 0.0
         busy = min(s.busy_poll_interval, s.poll_interval)
-        if claimed:
+        if claimed or self._woken:
             return busy
         return min(max(self.rest * 2, busy), s.poll_interval)
 
-    def _idle(self, seconds: float) -> None:
+    def _jittered(self, claimed: int, rest: float) -> float:
+        """An idle rest is drawn between half and all of its length. Pollers started together
+        (or left idle together when a load stops) would otherwise rest in step, and the first
+        rows after a quiet spell would wait out the same long rest on every poller; spread out,
+        one poller's timer ends soon and wakes the others. Rests under load stay exact, since
+        they bound latency."""
+        return rest if claimed else rest * self.rng.uniform(0.5, 1.0)
+
+    def _wake_peers_after_idle_spell(self, claimed: int) -> None:
+        """Rows after an idle spell: wake the other pollers now.
+
+        Idle pollers rest up to the poll interval, each on its own timer, so without the insert
+        trigger the first rows after a quiet spell would wait up to that long on every other
+        poller's shards. One NOTIFY when the first poller finds them cuts that to milliseconds.
+        A steady load keeps rests at the busy interval, so it sends none. A poller woken by a
+        NOTIFY sends none either: that one woke the others too."""
+        s = self.settings
+        idle_rest = min(IDLE_SPELL_BUSY_INTERVALS * s.busy_poll_interval, s.poll_interval)
+        idle_spell = self._last_claimed == 0 and self.rest >= idle_rest
+        if claimed and idle_spell and not self._woken and self.wake is not None:
+            self.wake.wake_peers()
+            log.debug("rows after %.2f s of rest: woke the other pollers", self.rest)
+        self._last_claimed = claimed
+
+    def _idle(self, seconds: float) -> bool:
+        """Rest; True if a NOTIFY ended the rest early."""
         if self.wake is None:
             self.stop.wait(seconds)
-        else:
-            self.wake.wait(seconds, self.stop.is_set)
+            return False
+        return self.wake.wait(seconds, self.stop.is_set)
 
     def close(self) -> None:
         self.heartbeat.close()

@@ -102,6 +102,10 @@ class WakeListener(Protocol):
         """Block up to `seconds` or until woken (True) or until stop() holds."""
         ...
 
+    def wake_peers(self) -> None:
+        """Wake the other pollers' waits (never this one's)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -29,13 +29,15 @@ class PgNotifyListener:
         self.conninfo = conninfo
         self.quoted_table = quoted_table
         self._conn: psycopg.Connection | None = None
+        self._channel = ""
 
     def _connect(self) -> psycopg.Connection:
         # Connects lazily, so a database that is down when a poller starts does not stop it.
         if self._conn is None or self._conn.closed:
             conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5)
             oid = conn.execute(CHANNEL_OID_SQL, (self.quoted_table,)).fetchone()[0]
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(oid))))
+            self._channel = notify_channel(oid)
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
             self._conn = conn
         return self._conn
 
@@ -54,7 +56,9 @@ class PgNotifyListener:
                 return False
             try:
                 conn = self._connect()
-                woken = list(conn.notifies(timeout=min(remaining, SLICE_SECONDS), stop_after=1))
+                # Our own wake_peers() comes back to us too; it is not a reason to wake.
+                woken = [n for n in conn.notifies(timeout=min(remaining, SLICE_SECONDS), stop_after=1)
+                         if n.pid != conn.info.backend_pid]
                 if woken:
                     # Coalesce: one claim serves every insert that arrived meanwhile. (The
                     # generator above must be finished first: it holds the connection's lock.)
@@ -67,6 +71,17 @@ class PgNotifyListener:
                 self.close()
                 time.sleep(min(max(remaining, 0), SLICE_SECONDS))
         return False
+
+    def wake_peers(self) -> None:
+        """NOTIFY the channel the insert trigger uses: every poller of this table, on any host,
+        ends its rest. It is sent rarely (see Poller), so the lock PostgreSQL takes at the
+        commit of a NOTIFY costs nothing that matters."""
+        try:
+            self._connect().execute("SELECT pg_notify(%s, '')", (self._channel,))
+        except psycopg.Error as exc:
+            # The others still find the rows on their own timers.
+            log.debug("could not wake the other pollers: %s", type(exc).__name__)
+            self.close()
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

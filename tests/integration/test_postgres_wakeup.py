@@ -6,41 +6,95 @@ import threading
 
 from sqlalchemy import text
 
-from pool.poller import Poller, PollerIdentity, StopSignal
+from pool.poller import FixedShards, Poller, PollerIdentity, StopSignal
 from pool.publisher import create_publisher
 from pool.seeding import generate_signals
 from pool.store import open_store
 from tests.helpers import make_settings, wait_until
 
 
+class RunningPoller:
+    """A real poller on its own thread, claiming only `shards` of `shard_count`."""
+
+    def __init__(self, settings, store, shards: list[int], shard_count: int, name: str) -> None:
+        self.publisher = create_publisher(settings)
+        self.stop = StopSignal()
+        self.poller = Poller(store, self.publisher, PollerIdentity(name, 0, shard_count), settings, self.stop,
+                             shards=FixedShards(shard_count, shards))
+        self.idle = threading.Event()  # set once the poller rests after an empty claim
+        original = self.poller._idle
+
+        def note_idle(seconds: float) -> bool:
+            if self.poller._last_claimed == 0:
+                self.idle.set()
+            return original(seconds)
+
+        self.poller._idle = note_idle
+        self.thread = threading.Thread(target=self.poller.run)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.request()
+        self.thread.join(timeout=30)
+        self.poller.close()
+        self.publisher.close()
+
+
+def processed_ids(store) -> set[int]:
+    with store.engine.connect() as conn:
+        return set(conn.execute(text("SELECT id FROM signals WHERE processed = 1")).scalars())
+
+
 def test_an_insert_wakes_an_idle_poller_long_before_its_poll_interval(pg_url, redis_url, queue_name):
     settings = make_settings(db_url=pg_url, broker_url=redis_url, queue=queue_name, poll_interval="60")
     store = open_store(settings)
     store.init_schema(notify=True)
-    publisher = create_publisher(settings)
-    stop = StopSignal()
-    poller = Poller(store, publisher, PollerIdentity("t", 0, 1), settings, stop)
-    idle = threading.Event()
-    original = poller._idle
-
-    def note_idle(seconds: float) -> None:
-        idle.set()
-        original(seconds)
-
-    poller._idle = note_idle
-    runner = threading.Thread(target=poller.run)
-    runner.start()
+    running = RunningPoller(settings, store, [0], 1, "t")
     try:
-        assert idle.wait(30), "the poller never went idle"
+        assert running.idle.wait(30), "the poller never went idle"
         store.insert_signals(list(generate_signals(3, seed=9)))
         # With a 60 s poll interval only the trigger's NOTIFY can make this happen in time.
         wait_until(lambda: store.counts().processed == 3, timeout=15, interval=0.05,
                    message="the NOTIFY to wake the poller")
     finally:
-        stop.request()
-        runner.join(timeout=30)
-        poller.close()
-        publisher.close()
+        running.close()
+        store.close()
+
+
+def test_a_poller_that_finds_rows_after_an_idle_spell_wakes_the_others(pg_url, redis_url, queue_name):
+    # No insert trigger. The sleeper rests 60 s between empty claims, so only the scout's NOTIFY,
+    # sent when it finds rows after its own (short) idle spell, can get the sleeper's rows out in time.
+    base = {"db_url": pg_url, "broker_url": redis_url, "queue": queue_name}
+    store = open_store(make_settings(**base))
+    store.init_schema()
+    scout = RunningPoller(make_settings(**base, poll_interval="0.2", busy_poll_interval="0.2"), store,
+                          [0], 2, "scout")
+    sleeper = RunningPoller(make_settings(**base, poll_interval="60", busy_poll_interval="60"), store,
+                            [1], 2, "sleeper")
+    try:
+        assert scout.idle.wait(30) and sleeper.idle.wait(30), "the pollers never went idle"
+        store.insert_signals(list(generate_signals(6, seed=11)))  # ids 1..6: both shards
+        wait_until(lambda: processed_ids(store) == {1, 2, 3, 4, 5, 6}, timeout=15, interval=0.05,
+                   message="the scout's NOTIFY to wake the sleeper")
+    finally:
+        scout.close()
+        sleeper.close()
+        store.close()
+
+
+def test_wake_peers_ends_the_other_listeners_waits_but_not_its_own(pg_url):
+    store = open_store(make_settings(db_url=pg_url))
+    store.init_schema()
+    sender, other = store.wake_listener(), store.wake_listener()
+    try:
+        sender.listen()
+        other.listen()
+        sender.wake_peers()
+        assert other.wait(10, lambda: False) is True
+        assert sender.wait(0.5, lambda: False) is False
+    finally:
+        sender.close()
+        other.close()
         store.close()
 
 

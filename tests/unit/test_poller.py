@@ -701,7 +701,8 @@ def test_full_batches_are_claimed_back_to_back_then_it_rests() -> None:
             stop.request()
 
     store.on_claim = on_claim
-    make_poller(store, stop=stop, batch_size=2, poll_interval=0.2, busy_poll_interval=0.05).run()
+    make_poller(store, stop=stop, rng=UpperBoundRng(), batch_size=2, poll_interval=0.2,
+                busy_poll_interval=0.05).run()
     # No wait after the two full batches; the busy interval after the short one, twice that
     # after the empty one.
     assert log == ["claim", "claim", "claim", ("wait", 0.05), "claim", ("wait", 0.1)]
@@ -711,15 +712,108 @@ def test_empty_claims_double_the_rest_up_to_the_poll_interval_and_rows_reset_it(
     stop = RecordingStop()
     store = FakeStore([[], [], [], [], [], make_rows(1), [], make_rows(2, 3, 4, 5, 6), []])
     store.on_claim = lambda n: stop.request() if n == 9 else None
-    make_poller(store, stop=stop, batch_size=5, poll_interval=1.0, busy_poll_interval=0.1).run()
+    make_poller(store, stop=stop, rng=UpperBoundRng(), batch_size=5, poll_interval=1.0,
+                busy_poll_interval=0.1).run()
     assert stop.waits == [0.1, 0.2, 0.4, 0.8, 1.0, 0.1, 0.2, 0.1]
+
+
+class FakeWake:
+    """A NOTIFY listener whose waits end at once: woken (True) or on the timer (False), as scripted."""
+
+    def __init__(self, woken: bool = False) -> None:
+        self.woken = woken
+        self.waits: list[float] = []
+        self.peer_wakes: list[int] = []  # the claim count at each wake_peers()
+        self.claims = 0
+
+    def listen(self) -> None:
+        pass
+
+    def wait(self, seconds: float, stop: Callable[[], bool]) -> bool:
+        self.waits.append(seconds)
+        return self.woken
+
+    def wake_peers(self) -> None:
+        self.peer_wakes.append(self.claims)
+
+    def close(self) -> None:
+        pass
+
+
+class ListeningStore(FakeStore):
+    """A FakeStore with a NOTIFY listener, like PostgreSQL."""
+
+    def __init__(self, batches: Iterable[list[ClaimedRow] | Exception], wake: FakeWake) -> None:
+        super().__init__(batches)
+        self.wake = wake
+
+    def wake_listener(self) -> FakeWake:
+        return self.wake
+
+    def claim(self, *args: Any, **kwargs: Any) -> Claim:
+        self.wake.claims += 1
+        return super().claim(*args, **kwargs)
+
+
+def run_until_claims_run_out(store: FakeStore, rng: random.Random | None = None, **settings: Any) -> None:
+    """Run the poller over the store's scripted claims; idle rests unjittered unless `rng` says."""
+    stop = RecordingStop()
+    claims = len(store.batches)
+    store.on_claim = lambda n: stop.request() if n == claims else None
+    make_poller(store, stop=stop, rng=rng or UpperBoundRng(), **settings).run()
+
+
+def test_rows_after_an_idle_spell_wake_the_other_pollers_once() -> None:
+    wake = FakeWake()
+    # Idle until the rest reaches the poll interval; then rows arrive and keep arriving.
+    store = ListeningStore([[], [], [], make_rows(1), make_rows(2), [], make_rows(3), make_rows(4)], wake)
+    run_until_claims_run_out(store, batch_size=5, poll_interval=0.4, busy_poll_interval=0.1)
+    assert wake.waits[:3] == [0.1, 0.2, 0.4]
+    # Only the claim that ended the idle spell wakes the others: after a short gap in a steady
+    # load (claim 6) the rest stays below four busy intervals.
+    assert wake.peer_wakes == [4]
+
+
+def test_with_the_default_intervals_rows_after_three_empty_claims_wake_the_others() -> None:
+    wake = FakeWake()
+    # Rests of 0.05 and 0.1 s are gaps in a load; after 0.2 s (four busy intervals) it is a spell.
+    store = ListeningStore([make_rows(1), [], make_rows(2), [], [], make_rows(3)], wake)
+    run_until_claims_run_out(store, batch_size=5, poll_interval=1.0, busy_poll_interval=0.05)
+    assert wake.waits[:5] == [0.05, 0.1, 0.05, 0.1, 0.2]
+    assert wake.peer_wakes == [6]
+
+
+def test_a_poller_woken_by_a_notify_wakes_nobody_and_stays_at_the_busy_interval() -> None:
+    wake = FakeWake(woken=True)
+    store = ListeningStore([[], [], [], make_rows(1), []], wake)
+    run_until_claims_run_out(store, batch_size=5, poll_interval=0.4, busy_poll_interval=0.1)
+    # Each rest ends in a NOTIFY: rows are arriving, if not on this poller's shards yet.
+    assert wake.waits == [0.1, 0.1, 0.1, 0.1, 0.1]
+    assert wake.peer_wakes == []
+
+
+class LowerBoundRng(random.Random):
+    """Jitter always at its minimum."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+def test_idle_rests_are_jittered_down_to_half_and_rests_under_load_are_exact() -> None:
+    wake = FakeWake()
+    store = ListeningStore([[], [], make_rows(1), []], wake)
+    run_until_claims_run_out(store, rng=LowerBoundRng(), batch_size=5, poll_interval=1.0,
+                             busy_poll_interval=0.1)
+    # The doubling goes on from the nominal rest (0.1, 0.2), not from the jittered one.
+    assert wake.waits == [0.05, 0.1, 0.1, 0.1]
 
 
 def test_a_busy_interval_above_the_poll_interval_is_held_to_it() -> None:
     stop = RecordingStop()
     store = FakeStore([make_rows(1), []])
     store.on_claim = lambda n: stop.request() if n == 2 else None
-    make_poller(store, stop=stop, batch_size=5, poll_interval=0.2, busy_poll_interval=5).run()
+    make_poller(store, stop=stop, rng=UpperBoundRng(), batch_size=5, poll_interval=0.2,
+                busy_poll_interval=5).run()
     assert stop.waits == [0.2, 0.2]
 
 
@@ -754,7 +848,8 @@ def test_database_backoff_resets_after_success() -> None:
     stop = RecordingStop()
     store = FakeStore([db_error(), db_error(), make_rows(1), db_error(), []])
     store.on_claim = lambda n: stop.request() if n == 5 else None
-    make_poller(store, stop=stop, batch_size=5, poll_interval=0.2, busy_poll_interval=0.05).run()
+    make_poller(store, stop=stop, rng=UpperBoundRng(), batch_size=5, poll_interval=0.2,
+                busy_poll_interval=0.05).run()
     assert stop.waits == [BACKOFF_START, BACKOFF_START * 2, 0.05, BACKOFF_START, 0.1]
 
 
