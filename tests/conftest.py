@@ -15,7 +15,11 @@ PG_BASE = os.environ.get("POOL_TEST_PG", "postgresql://root@127.0.0.1:5432/test"
 REDIS_HOST = os.environ.get("POOL_TEST_REDIS", "127.0.0.1:6379")
 RABBIT_URL = os.environ.get("POOL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 
-_redis_numbers = itertools.cycle(range(1, 16))
+# Several suites may run at once on one machine (one per work tree); each can be given its own
+# Redis database numbers, e.g. POOL_TEST_REDIS_DBS=4,5,6, so that one's flushdb never empties another's.
+_redis_numbers = itertools.cycle(
+    [int(n) for n in os.environ.get("POOL_TEST_REDIS_DBS", "").split(",") if n.strip()] or range(1, 16)
+)
 
 
 def _reachable(host: str, port: int) -> bool:
