@@ -79,7 +79,7 @@ class BacklogStats:
     backlog: int  # unprocessed and not dead
     oldest_age_seconds: float | None  # of the lowest-id unprocessed row; None when there is none
     dead: int
-    by_shard: dict[int, int]  # shard (id % shard_count) -> backlog
+    by_shard: dict[int, int]  # shard (shard_of(id, shard_count)) -> backlog
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,12 @@ class WakeListener(Protocol):
 def index_name(table: str, suffix: str) -> str:
     # PostgreSQL truncates names to 63 bytes; truncating here keeps existence checks exact.
     return f"{table[: 63 - len(suffix) - 1]}_{suffix}"
+
+
+def shard_of(row_id: int, shard_count: int) -> int:
+    """The shard a row belongs to: always in 0..shard_count-1, negative ids included (Python's %
+    floors; SQL's truncates, hence `SqlStore.shard_expr`)."""
+    return row_id % shard_count
 
 
 def shard_list(shard: int | Sequence[int]) -> list[int]:
@@ -149,6 +155,13 @@ class SqlStore(ShardLeaseTables):
         self.payload_columns = ", ".join(
             quote(c) for c in (cols.id, cols.name, cols.value, cols.source, cols.timestamp)
         )
+
+    def shard_expr(self, param: str) -> str:
+        """`shard_of(id, :param)` in SQL, the one definition for every query that maps a row to
+        its shard. SQL's % takes the sign of the id, so a negative id would land on a negative
+        shard that no poller holds; adding the count once brings it into 0..count-1 without
+        overflow, since |id % n| < n."""
+        return f"(({self.c_id} % :{param}) + :{param}) % :{param}"
 
     # --- dialect hooks -------------------------------------------------------------
     def _statement_engine(self) -> Engine:
@@ -215,7 +228,8 @@ class SqlStore(ShardLeaseTables):
     # --- shared --------------------------------------------------------------------
     def claim(self, owner: str, shard_count: int, shard: int | Sequence[int], limit: int,
               lease_seconds: float) -> Claim:
-        """Lease up to `limit` due rows of the given shard(s) (rows with id % shard_count in them)."""
+        """Lease up to `limit` due rows of the given shard(s): rows whose shard_of(id, shard_count)
+        is one of them."""
         shards = shard_list(shard)
         lease = new_lease(owner)
         if not shards:
@@ -407,8 +421,9 @@ class SqlStore(ShardLeaseTables):
         """Backlog per shard, the age of the oldest pending row, and dead rows: each query is
         answered from a partial index, so this stays cheap as processed rows pile up."""
         pending = self.pending
+        shard = self.shard_expr("n")
         by_shard_sql = self._statement(
-            f"SELECT {self.c_id} % :n, COUNT(*) FROM {self.t} WHERE {pending} GROUP BY {self.c_id} % :n"
+            f"SELECT {shard}, COUNT(*) FROM {self.t} WHERE {pending} GROUP BY {shard}"
         )
         # Lowest id first: rows are inserted in id order, so this is the oldest waiting row.
         oldest_sql = self._statement(

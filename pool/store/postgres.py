@@ -180,7 +180,7 @@ class PostgresStore(SqlStore):
         return f"""
                 SELECT {self.c_id}, lease_owner IS NOT NULL AS reclaimed FROM {self.t}
                 WHERE {self.pending}
-                  AND {self.c_id} % :shard_count = ANY(:shards)
+                  AND {self.shard_expr('shard_count')} = ANY(:shards)
                   -- re-pick rule: a row is free when unleased or when its lease ran out
                   -- (its poller died or stalled); a live holder keeps the row locked-out.
                   AND (lease_until IS NULL OR lease_until < clock_timestamp())

@@ -123,7 +123,7 @@ class SqliteStore(SqlStore):
         pick = f"""
             SELECT {self.c_id}, lease_owner IS NOT NULL FROM {self.t}
              WHERE {self.pending}
-               AND {self.c_id} % :shard_count IN :shards
+               AND {self.shard_expr('shard_count')} IN :shards
                -- re-pick rule: free when unleased or when its lease ran out
                AND (lease_until IS NULL OR lease_until < {NOW})
                AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})
