@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from pool.store import ClaimedRow
+from pool.store import ClaimedRow, Unreadable
 
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
 # Built once: json.dumps with any non-default option builds a new encoder on every call.
@@ -46,6 +46,8 @@ def _number(field: str, value: Any) -> int | float | None:
         if not math.isfinite(number):
             raise PayloadError(f"{field} is not a finite number ({value[:40]!r})")
         return number
+    if isinstance(value, Unreadable):
+        raise PayloadError(f"{field} {value}")
     raise PayloadError(f"{field} has unsupported type {type(value).__name__}")
 
 
@@ -58,6 +60,8 @@ def _text(field: str, value: Any) -> str | None:
         except UnicodeDecodeError:
             raise PayloadError(f"{field} is not valid UTF-8") from None
     if not isinstance(value, str):
+        if isinstance(value, Unreadable):  # its str() is a description, not the value
+            raise PayloadError(f"{field} {value}")
         value = str(value)
     try:
         value.encode("utf-8")

@@ -9,12 +9,12 @@ from sqlalchemy.exc import ArgumentError
 from pool.config import Settings
 from pool.errors import ConfigError
 from pool.redact import redact_url
-from pool.store.base import Claim, ClaimedRow, Counts, Lease, SchemaChanges, SqlStore
+from pool.store.base import Claim, ClaimedRow, Counts, Lease, SchemaChanges, SqlStore, Unreadable
 from pool.store.postgres import PostgresStore, configure_postgres_engine
 from pool.store.sqlite import SqliteStore, configure_sqlite_engine
 
 __all__ = [
-    "Claim", "ClaimedRow", "Counts", "Lease", "SchemaChanges", "SqlStore",
+    "Claim", "ClaimedRow", "Counts", "Lease", "SchemaChanges", "SqlStore", "Unreadable",
     "create_db_engine", "open_store",
 ]
 

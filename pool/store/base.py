@@ -22,6 +22,18 @@ from pool.store.shards import ShardLeaseTables
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A value the database holds but the driver cannot turn into Python (a timestamp of
+    'infinity', a year past 9999): the row it is in cannot be relayed as it is."""
+
+    text: str  # the value as the database sent it
+    reason: str  # the driver's error
+
+    def __str__(self) -> str:
+        return f"{self.text[:40]!r} cannot be read ({self.reason})"
+
+
 @dataclass(frozen=True)
 class ClaimedRow:
     id: int

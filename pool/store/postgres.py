@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,8 +10,11 @@ from sqlalchemy import TextClause, event, text
 from sqlalchemy.engine import Connection, Engine
 
 from pool.config import Settings
-from pool.store.base import SqlStore, index_name, shard_list
+from pool.store.base import SqlStore, first_line, index_name, shard_list
+from pool.store.pg_loaders import register_tolerant_loaders
 from pool.store.pg_notify import CHANNEL_OID_SQL, PgNotifyListener, notify_channel
+
+log = logging.getLogger(__name__)
 
 RELAY_COLUMN_TYPES = {
     "lease_owner": "TEXT",
@@ -213,8 +217,37 @@ class PostgresStore(SqlStore):
                       s.{q(c.timestamp)}, s.attempts, picked.reclaimed
         """
         statement = self._statement(sql)
-        rows = self._one_statement(lambda conn: conn.execute(statement, params).all())
+        try:
+            rows = self._one_statement(lambda conn: conn.execute(statement, params).all())
+        except Exception as exc:
+            # The claim commits before its rows are read: a value the driver cannot turn into
+            # Python (a timestamp of 'infinity') fails the read of a batch that is leased to us
+            # all the same. Read it again, tolerantly; without a lease it was a real failure.
+            leased = self._read_leased_tolerantly(params["owner"], params["token"])
+            if not leased:
+                raise
+            log.warning("claimed rows hold a value the driver cannot read (%s); read them again,"
+                        " each such value as unreadable", first_line(exc))
+            return leased, 0  # which rows were taken over is not known on this rare path
         return [tuple(r[:6]) for r in rows], sum(1 for r in rows if r[6])
+
+    def _read_leased_tolerantly(self, owner: str, token: int) -> list[tuple]:
+        """The pending rows leased to (owner, token), each value the driver cannot load read as
+        an Unreadable. On the driver's own cursor: its loaders are this read's alone."""
+        c = self.settings.columns
+        sql = (
+            f"SELECT {self.payload_columns}, attempts FROM {self.t}"
+            f" WHERE lease_owner = %(owner)s AND lease_token = %(token)s AND {self.pending}"
+            f" ORDER BY {self.q(c.id)}"
+        )
+
+        def read(conn: Connection) -> list[tuple]:
+            with conn.connection.driver_connection.cursor() as cursor:
+                register_tolerant_loaders(cursor.adapters)
+                cursor.execute(sql, {"owner": owner, "token": token})
+                return [tuple(r) for r in cursor.fetchall()]
+
+        return self._one_statement(read)
 
     def insert_signals(self, rows: Sequence[Mapping[str, Any]]) -> int:
         c = self.settings.columns

@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from pool.payload import DEFAULT_MAX_PAYLOAD_BYTES, PayloadError, build_payload, task_id_for
-from pool.store import ClaimedRow
+from pool.store import ClaimedRow, Unreadable
 
 AWARE = datetime(2024, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
 
@@ -334,3 +334,22 @@ def test_accepted_payloads_serialise_with_allow_nan_false(candidate: ClaimedRow)
     assert json.loads(text) == payload
     for number in (payload["value"],):
         assert number is None or math.isfinite(number)
+
+
+# --- values the driver could not read ------------------------------------------------------
+
+INFINITY = Unreadable("infinity", "timestamp too large (after year 10K): 'infinity'")
+
+
+@pytest.mark.parametrize("field", ["name", "value", "source", "timestamp"])
+def test_an_unreadable_value_rejects_its_row_naming_the_field_and_the_reason(field: str) -> None:
+    with pytest.raises(PayloadError) as caught:
+        build_payload(row(**{field: INFINITY}))
+    assert str(caught.value) == (
+        f"{field} 'infinity' cannot be read (timestamp too large (after year 10K): 'infinity')")
+
+
+def test_an_unreadable_value_is_never_sent_as_its_description() -> None:
+    # Its str() describes the problem; _text would otherwise have relayed that as the name.
+    with pytest.raises(PayloadError):
+        build_payload(row(name=Unreadable("x", "why")))
