@@ -22,7 +22,8 @@ CLAIMED = Counter("pool_signals_claimed", "Rows claimed (leased) by pollers", ["
 PUBLISHED = Counter("pool_signals_published", "Rows accepted by the broker", ["worker"])
 ACKED = Counter("pool_signals_acked", "Rows marked processed after publishing", ["worker"])
 RETRIED = Counter("pool_signals_retried", "Rows that failed to publish and wait for a retry", ["worker"])
-DEAD = Counter("pool_signals_dead", "Rows that used up their attempts and are dead", ["worker"])
+DEAD = Counter("pool_signals_dead", "Rows that became dead letters: a permanent error, or attempts used up",
+              ["worker"])
 RECLAIMED = Counter(
     "pool_signals_reclaimed", "Rows claimed after another poller's lease on them expired", ["worker"]
 )

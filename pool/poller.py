@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 from pool.backoff import retry_delay
 from pool.config import Settings
-from pool.publisher import Publisher
+from pool.publisher import Publisher, PublishResult
 from pool.store import Claim, SqlStore
 from pool.store.base import Failure, Lease, first_line
 
@@ -250,7 +250,7 @@ class Poller:
             # Once the shutdown grace is spent, rows not yet published are released instead.
             result = self.publisher.publish(claim.rows, keep_going=lambda: not self.stop.out_of_time())
             published_at = time.perf_counter()
-            outcome = self._settle(claim, result.accepted, result.rejected, result.unsent)
+            outcome = self._settle(claim, result)
         finished = time.perf_counter()
         outcome.seconds = finished - started
         outcome.publish_seconds = published_at - claimed_at
@@ -265,9 +265,8 @@ class Poller:
             }})
         return len(claim.rows)
 
-    def _settle(self, claim: Claim, accepted: list[int], rejected: dict[int, str],
-                unsent: list[int]) -> BatchOutcome:
-        s = self.settings
+    def _settle(self, claim: Claim, result: PublishResult) -> BatchOutcome:
+        accepted, unsent = result.accepted, result.unsent
         outcome = BatchOutcome(claimed=len(claim.rows), published=len(accepted), unsent=len(unsent))
         # Only what the broker accepted is marked processed, and only under our lease. The ack
         # is retried through a database outage while the lease holds: giving up would make
@@ -278,27 +277,37 @@ class Poller:
                         len(accepted) - outcome.acked, len(accepted),
                         extra={"fields": {"event": "lease_lost", "lost": len(accepted) - outcome.acked,
                                           "published": len(accepted)}})
-        if rejected:
-            attempts = {row.id: row.attempts for row in claim.rows}
-            failures = []
-            for row_id, error in rejected.items():
-                attempt = attempts[row_id] + 1
-                failures.append(Failure(
-                    id=row_id, error=error, dead=attempt >= s.max_attempts,
-                    retry_in=retry_delay(attempt, s.retry_base_seconds, s.retry_cap_seconds, self.rng),
-                ))
+        if result.rejected or result.failed:
+            failures = self._failures(claim, result)
             self._until_done(lambda: self.store.nack(claim.lease, failures))
             outcome.dead = sum(f.dead for f in failures)
             outcome.retried = len(failures) - outcome.dead
-            for failure in failures:
-                if failure.dead:
-                    log.warning("row %d is dead after %d attempts: %s", failure.id, s.max_attempts,
-                                failure.error, extra={"fields": {
-                                    "event": "row_dead", "row_id": failure.id, "attempts": s.max_attempts,
-                                    "error": failure.error}})
         if unsent:
             self._until_done(lambda: self.store.release(claim.lease, unsent))
         return outcome
+
+    def _failures(self, claim: Claim, result: PublishResult) -> list[Failure]:
+        """A rejected row (its own values are the problem) is dead at once: trying again cannot
+        help. A row the broker refused is tried again with backoff, until max_attempts."""
+        s = self.settings
+        attempts = {row.id: row.attempts + 1 for row in claim.rows}  # this attempt included
+        failures = [Failure(id=row_id, error=error, dead=True, retry_in=0.0)
+                    for row_id, error in result.rejected.items()]
+        failures += [
+            Failure(id=row_id, error=error, dead=attempts[row_id] >= s.max_attempts,
+                    retry_in=retry_delay(attempts[row_id], s.retry_base_seconds, s.retry_cap_seconds,
+                                         self.rng))
+            for row_id, error in result.failed.items()
+        ]
+        for failure in failures:
+            if failure.dead:
+                permanent = failure.id in result.rejected
+                log.warning("row %d is dead after %d attempt(s)%s: %s", failure.id, attempts[failure.id],
+                            " (a permanent error)" if permanent else "", failure.error,
+                            extra={"fields": {"event": "row_dead", "row_id": failure.id,
+                                              "attempts": attempts[failure.id], "permanent": permanent,
+                                              "error": failure.error}})
+        return failures
 
     def _until_done(self, action: Callable[[], T]) -> T:
         """Retry a settling write through database errors while our lease is still ours."""

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kombu.exceptions import KombuError, OperationalError
+from kombu.exceptions import EncodeError, KombuError, OperationalError
 
 from pool.broker import create_celery_app
 from pool.config import Settings
@@ -24,8 +24,10 @@ CONNECTION_ERRORS = (OperationalError, ConnectionError, OSError, TimeoutError)
 @dataclass
 class PublishResult:
     accepted: list[int] = field(default_factory=list)
-    # row id -> why this row can never be published as it is (bad input)
+    # row id -> why this row can never be published as it is (its own values): dead at once
     rejected: dict[int, str] = field(default_factory=dict)
+    # row id -> why the broker refused this row this time: retried with backoff
+    failed: dict[int, str] = field(default_factory=dict)
     # rows not accepted because the broker failed; they are released, not charged an attempt
     unsent: list[int] = field(default_factory=list)
     broker_error: str | None = None
@@ -65,6 +67,7 @@ class Publisher:
             except PayloadError as exc:
                 result.rejected[row.id] = str(exc)
             except Exception as exc:  # noqa: BLE001 - one odd row must not take down the batch
+                # prepare() reads nothing but the row's values: it would fail the same way again.
                 result.rejected[row.id] = self._describe(exc)
         return payloads
 
@@ -92,9 +95,13 @@ class Publisher:
                 result.unsent.extend(p.id for p in payloads[position:])
                 self._reset()
                 break
-            except (KombuError, TypeError, ValueError) as exc:
-                # The broker took the connection fine but refused or could not encode this row.
+            except (EncodeError, TypeError, ValueError) as exc:
+                # The serializer cannot encode this row: it never will.
                 result.rejected[row_id] = self._describe(exc)
+                continue
+            except KombuError as exc:
+                # The broker took the connection fine but refused this message; maybe not next time.
+                result.failed[row_id] = self._describe(exc)
                 continue
             result.accepted.append(row_id)
         return result

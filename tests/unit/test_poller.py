@@ -150,15 +150,18 @@ class FakeStore:
 class FakePublisher:
     """Publishes by rule, honouring keep_going like the real one.
 
-    Ids in `reject` are rejected; everything from id `fail_at` on is unsent (broker down)."""
+    Ids in `reject` are rejected (a permanent error), ids in `fail` failed (the broker refused
+    them this time); everything from id `fail_at` on is unsent (broker down)."""
 
     def __init__(
         self,
         reject: Mapping[int, str] | None = None,
         fail_at: int | None = None,
+        fail: Mapping[int, str] | None = None,
         broker_error: str = "OperationalError: connection refused",
     ) -> None:
         self.reject = dict(reject or {})
+        self.fail = dict(fail or {})
         self.fail_at = fail_at
         self.broker_error = broker_error
         self.published: list[list[int]] = []
@@ -179,6 +182,8 @@ class FakePublisher:
                 break
             if row.id in self.reject:
                 result.rejected[row.id] = self.reject[row.id]
+            elif row.id in self.fail:
+                result.failed[row.id] = self.fail[row.id]
             else:
                 result.accepted.append(row.id)
             self.after_row(row.id)
@@ -348,25 +353,39 @@ def test_accepted_rows_are_acked_under_the_claims_lease() -> None:
     assert store.nacks == store.releases == []
 
 
-def test_rejected_rows_are_nacked_as_failures_with_their_error() -> None:
+def test_rejected_rows_are_dead_at_once_with_their_error() -> None:
+    # A permanent error (the row's own values): trying again cannot help, whatever max_attempts says.
+    store = FakeStore([make_rows(1, 2, 3, attempts={3: 1})])
+    publisher = FakePublisher(reject={2: "value is NULL", 3: "timestamp 'infinity' cannot be read"})
+    make_poller(store, publisher, max_attempts=100).run_once()
+    (lease,) = store.leases
+    assert store.acks == [(lease, [1])]
+    ((nack_lease, failures),) = store.nacks
+    assert nack_lease is lease
+    assert all(isinstance(f, Failure) for f in failures)
+    assert [(f.id, f.error, f.dead) for f in failures] == [
+        (2, "value is NULL", True), (3, "timestamp 'infinity' cannot be read", True)]
+    assert store.releases == []
+
+
+def test_failed_rows_are_nacked_for_a_retry_with_their_error() -> None:
     store = FakeStore([make_rows(1, 2, 3)])
-    publisher = FakePublisher(reject={2: "value is NULL"})
+    publisher = FakePublisher(fail={2: "ChannelError: refused"})
     make_poller(store, publisher).run_once()
     (lease,) = store.leases
     assert store.acks == [(lease, [1, 3])]
     ((nack_lease, failures),) = store.nacks
     assert nack_lease is lease
     (failure,) = failures
-    assert isinstance(failure, Failure)
-    assert (failure.id, failure.error, failure.dead) == (2, "value is NULL", False)
+    assert (failure.id, failure.error, failure.dead) == (2, "ChannelError: refused", False)
     assert store.releases == []
 
 
-def test_a_rejected_row_dies_when_this_attempt_reaches_max_attempts() -> None:
+def test_a_failed_row_dies_when_this_attempt_reaches_max_attempts() -> None:
     # Claimed attempts count earlier failures; this failure is attempt number attempts + 1.
     attempts = {1: 0, 2: MAX_ATTEMPTS - 2, 3: MAX_ATTEMPTS - 1, 4: MAX_ATTEMPTS + 4}
     store = FakeStore([make_rows(1, 2, 3, 4, attempts=attempts)])
-    publisher = FakePublisher(reject={i: f"bad {i}" for i in attempts})
+    publisher = FakePublisher(fail={i: f"bad {i}" for i in attempts})
     make_poller(store, publisher).run_once()
     ((_lease, failures),) = store.nacks
     assert {f.id: f.dead for f in failures} == {1: False, 2: False, 3: True, 4: True}
@@ -375,14 +394,14 @@ def test_a_rejected_row_dies_when_this_attempt_reaches_max_attempts() -> None:
 
 def test_max_attempts_1_makes_the_first_failure_fatal() -> None:
     store = FakeStore([make_rows(1)])
-    make_poller(store, FakePublisher(reject={1: "bad"}), max_attempts=1).run_once()
+    make_poller(store, FakePublisher(fail={1: "bad"}), max_attempts=1).run_once()
     assert [f.dead for f in store.nacks[0][1]] == [True]
 
 
 def test_retry_in_is_the_jittered_backoff_of_the_attempt_number() -> None:
     attempts = {1: 0, 2: 1, 3: 2, 4: 9}
     store = FakeStore([make_rows(1, 2, 3, 4, attempts=attempts)])
-    publisher = FakePublisher(reject={i: "bad" for i in attempts})
+    publisher = FakePublisher(fail={i: "bad" for i in attempts})
     make_poller(store, publisher, rng=random.Random(7), max_attempts=100).run_once()
     ((_lease, failures),) = store.nacks
     for failure in failures:
@@ -395,7 +414,7 @@ def test_retry_in_is_the_jittered_backoff_of_the_attempt_number() -> None:
 def test_retry_in_uses_the_configured_base_and_cap() -> None:
     attempts = {1: 0, 2: 1, 3: 5}
     store = FakeStore([make_rows(1, 2, 3, attempts=attempts)])
-    publisher = FakePublisher(reject={i: "bad" for i in attempts})
+    publisher = FakePublisher(fail={i: "bad" for i in attempts})
     poller = make_poller(
         store, publisher, rng=UpperBoundRng(), retry_base_seconds=3, retry_cap_seconds=20, max_attempts=10
     )
@@ -414,18 +433,18 @@ def test_unsent_rows_are_released_not_nacked() -> None:
 
 def test_mixed_batch_settles_every_row_exactly_once_and_reports_the_outcome() -> None:
     store = FakeStore([make_rows(1, 2, 3, 4, 5, 6, attempts={5: MAX_ATTEMPTS - 1})])
-    publisher = FakePublisher(reject={3: "bad", 4: "bad", 5: "bad"}, fail_at=6)
+    publisher = FakePublisher(reject={4: "bad"}, fail={3: "refused", 5: "refused"}, fail_at=6)
     hooks = RecordingHooks()
     assert make_poller(store, publisher, hooks=hooks).run_once() == 6
     (lease,) = store.leases
     assert store.acks == [(lease, [1, 2])]
-    assert [(f.id, f.dead) for f in store.nacks[0][1]] == [(3, False), (4, False), (5, True)]
+    assert sorted((f.id, f.dead) for f in store.nacks[0][1]) == [(3, False), (4, True), (5, True)]
     assert store.releases == [(lease, [6])]
     settled = store.acks[0][1] + [f.id for f in store.nacks[0][1]] + store.releases[0][1]
     assert sorted(settled) == [1, 2, 3, 4, 5, 6]
     (outcome,) = hooks.outcomes
     assert (outcome.claimed, outcome.published, outcome.acked) == (6, 2, 2)
-    assert (outcome.retried, outcome.dead, outcome.unsent) == (2, 1, 1)
+    assert (outcome.retried, outcome.dead, outcome.unsent) == (1, 2, 1)
     assert outcome.seconds >= outcome.publish_seconds + outcome.settle_seconds >= 0
 
 
@@ -468,10 +487,11 @@ def test_lost_lease_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_dead_rows_are_logged_with_their_error(caplog: pytest.LogCaptureFixture) -> None:
-    store = FakeStore([make_rows(1, attempts={1: MAX_ATTEMPTS - 1})])
+    store = FakeStore([make_rows(1, 2, attempts={1: MAX_ATTEMPTS - 1})])
     with caplog.at_level(logging.WARNING, logger="pool.poller"):
-        make_poller(store, FakePublisher(reject={1: "name is NULL"})).run_once()
-    assert any("row 1 is dead" in m and "name is NULL" in m for m in caplog.messages)
+        make_poller(store, FakePublisher(fail={1: "refused"}, reject={2: "name is NULL"})).run_once()
+    assert f"row 1 is dead after {MAX_ATTEMPTS} attempt(s): refused" in caplog.messages
+    assert "row 2 is dead after 1 attempt(s) (a permanent error): name is NULL" in caplog.messages
 
 
 def test_broker_outage_is_logged_once_and_recovery_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -1051,7 +1071,7 @@ def fields_of(caplog: pytest.LogCaptureFixture, needle: str) -> list[dict[str, A
 def test_each_batch_logs_its_counts_as_fields_at_debug(caplog: pytest.LogCaptureFixture) -> None:
     store = FakeStore([make_rows(1, 2, 3, attempts={3: MAX_ATTEMPTS - 1})])
     with caplog.at_level(logging.DEBUG, logger="pool.poller"):
-        make_poller(store, FakePublisher(reject={2: "bad", 3: "worse"})).run_once()
+        make_poller(store, FakePublisher(fail={2: "bad", 3: "worse"})).run_once()
     (record,) = [r for r in caplog.records if r.getMessage() == "batch done"]
     assert record.levelno == logging.DEBUG
     assert {k: v for k, v in record.fields.items() if k != "seconds"} == {
@@ -1067,11 +1087,14 @@ def test_no_batch_line_above_debug(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_a_dead_row_line_carries_its_id_attempts_and_error(caplog: pytest.LogCaptureFixture) -> None:
-    store = FakeStore([make_rows(1, attempts={1: MAX_ATTEMPTS - 1})])
+    store = FakeStore([make_rows(1, 2, attempts={1: MAX_ATTEMPTS - 1})])
     with caplog.at_level(logging.WARNING, logger="pool.poller"):
-        make_poller(store, FakePublisher(reject={1: "name is NULL"})).run_once()
+        make_poller(store, FakePublisher(fail={1: "refused"}, reject={2: "name is NULL"})).run_once()
     assert fields_of(caplog, "row 1 is dead") == [
-        {"event": "row_dead", "row_id": 1, "attempts": MAX_ATTEMPTS, "error": "name is NULL"}
+        {"event": "row_dead", "row_id": 1, "attempts": MAX_ATTEMPTS, "permanent": False, "error": "refused"}
+    ]
+    assert fields_of(caplog, "row 2 is dead") == [
+        {"event": "row_dead", "row_id": 2, "attempts": 1, "permanent": True, "error": "name is NULL"}
     ]
     assert all(r.levelno == logging.WARNING for r in caplog.records)
 
