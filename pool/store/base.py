@@ -201,6 +201,10 @@ class SqlStore(ShardLeaseTables):
     def _age_seconds(self, column: str) -> str:
         raise NotImplementedError
 
+    def _has_age(self, column: str) -> str:
+        """A condition: `column` is a time whose age the database can compute."""
+        return "1 = 1"
+
     def _older_than(self, column: str, param: str) -> str:
         """A condition: `column` lies at least :param seconds before the database clock."""
         raise NotImplementedError
@@ -438,9 +442,10 @@ class SqlStore(ShardLeaseTables):
             f"SELECT {shard}, COUNT(*) FROM {self.t} WHERE {pending} GROUP BY {shard}"
         )
         # Lowest id first: rows are inserted in id order, so this is the oldest waiting row.
+        ts = self.q(self.settings.columns.timestamp)
         oldest_sql = self._statement(
-            f"SELECT {self._age_seconds(self.q(self.settings.columns.timestamp))} FROM {self.t}"
-            f" WHERE {pending} ORDER BY {self.c_id} LIMIT 1"
+            f"SELECT {self._age_seconds(ts)} FROM {self.t}"
+            f" WHERE {pending} AND {self._has_age(ts)} ORDER BY {self.c_id} LIMIT 1"
         )
         dead_sql = self._count_dead_statement()
 

@@ -148,6 +148,10 @@ class PostgresStore(SqlStore):
     def _age_seconds(self, column: str) -> str:
         return f"EXTRACT(EPOCH FROM clock_timestamp() - {column})"
 
+    def _has_age(self, column: str) -> str:
+        # 'infinity' has none: subtracting it fails the whole status read.
+        return f"isfinite({column})"
+
     def _older_than(self, column: str, param: str) -> str:
         # statement_timestamp(), not clock_timestamp(): it is stable within the statement, so
         # an index on the timestamp column, where a user has one, can serve the comparison.
