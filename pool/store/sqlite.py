@@ -1,4 +1,4 @@
-"""SQLite store: BEGIN IMMEDIATE + UPDATE ... RETURNING, WAL, a busy timeout."""
+"""SQLite store: BEGIN IMMEDIATE + SELECT and UPDATE, WAL, a busy timeout."""
 
 from __future__ import annotations
 
@@ -118,10 +118,8 @@ class SqliteStore(SqlStore):
         return {r[1] for r in rows} or None
 
     def _claim_rows(self, params: dict[str, Any]) -> tuple[list[tuple], int]:
-        c = self.settings.columns
-        q = self.q
         pick = f"""
-            SELECT {self.c_id}, lease_owner IS NOT NULL FROM {self.t}
+            SELECT {self.payload_columns}, attempts, lease_owner IS NOT NULL FROM {self.t}
              WHERE {self.pending}
                AND {self.shard_expr('shard_count')} IN :shards
                -- re-pick rule: free when unleased or when its lease ran out
@@ -129,24 +127,22 @@ class SqliteStore(SqlStore):
                AND (next_attempt_at IS NULL OR next_attempt_at <= {NOW})
              ORDER BY {self.c_id}
              LIMIT :limit"""
-        # RETURNING shows the new row only, so whether a row is taken over from an expired
-        # lease is read first, in the same immediate transaction: nothing changes in between.
+        # The rows are read by the SELECT, in the same immediate transaction as the UPDATE, so
+        # nothing changes in between. Not by RETURNING: it shows a REAL column's whole numbers
+        # as SQLite stores them, as integers (5 where a SELECT reads 5.0), and it would show
+        # only the new lease, not whether the row was taken over from an expired one.
         update = f"""
             UPDATE {self.t}
                SET lease_owner = :owner, lease_token = :token,
                    lease_until = {self._plus_seconds('lease')}
              WHERE {self._ids_clause()}
-            RETURNING {q(c.id)}, {q(c.name)}, {q(c.value)}, {q(c.source)}, {q(c.timestamp)}, attempts
         """
         with self.engine.begin() as conn:
             picked = conn.execute(self._statement(pick, expanding=("shards",)), params).all()
-            reclaimed = sum(1 for r in picked if r[1])
-            ids = [r[0] for r in picked]
-            rows = []
-            if ids:
-                rows = conn.execute(self._statement(update, with_ids=True),
-                                    {k: v for k, v in params.items() if k != "shards"} | {"ids": ids}).all()
-        return [tuple(r) for r in rows], reclaimed
+            if picked:
+                lease = {k: v for k, v in params.items() if k != "shards"}
+                conn.execute(self._statement(update, with_ids=True), lease | {"ids": [r[0] for r in picked]})
+        return [tuple(r[:6]) for r in picked], sum(1 for r in picked if r[6])
 
     def insert_signals(self, rows: Sequence[Mapping[str, Any]]) -> int:
         c = self.settings.columns
