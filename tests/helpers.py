@@ -118,6 +118,19 @@ def decode_celery_message(raw: bytes | str) -> dict:
             "args": args, "kwargs": kwargs}
 
 
+# Fields that differ between any two publishes: per-process or per-message random values.
+VOLATILE = {("properties", "delivery_tag"), ("properties", "reply_to"), ("headers", "origin")}
+
+
+def comparable(raw: bytes | str) -> dict:
+    """A raw message as kombu stores it on Redis, without the fields that differ per publish,
+    for a field by field comparison with what `send_task` writes."""
+    message = json.loads(raw)
+    for section, key in VOLATILE:
+        message[section].pop(key, None)
+    return message
+
+
 def redis_messages(redis_url: str, queue_name: str) -> list[dict]:
     import redis
 

@@ -10,10 +10,7 @@ from pool.publisher import Publisher, PublishResult, create_publisher
 from pool.redis_batch import RedisBatchPublisher
 from pool.seeding import generate_signals
 from pool.store import ClaimedRow
-from tests.helpers import make_settings, redis_messages
-
-# Fields that differ between any two publishes: per-process or per-message random values.
-VOLATILE = {("properties", "delivery_tag"), ("properties", "reply_to"), ("headers", "origin")}
+from tests.helpers import comparable, make_settings, redis_messages
 
 
 def rows(count: int, start: int = 1) -> list[ClaimedRow]:
@@ -44,13 +41,6 @@ def publish_to_a_broker_that_is_down(broker_url: str, queue: str, count: int) ->
         return down.publish(rows(count))
     finally:
         down.close()
-
-
-def comparable(raw: bytes) -> dict:
-    message = json.loads(raw)
-    for section, key in VOLATILE:
-        message[section].pop(key, None)
-    return message
 
 
 def test_redis_batch_messages_equal_send_task_messages(redis_url, queue_name):
