@@ -30,7 +30,10 @@ def create_db_engine(db_url: str, pool_size: int = 2) -> Engine:
         url = url.set(drivername="postgresql+psycopg")
         # No pre-ping: it costs a round trip per statement; the store replaces a connection
         # found dead instead (SqlStore._one_statement).
-        engine = create_engine(url, pool_size=pool_size, max_overflow=2, connect_args={"connect_timeout": 10})
+        # UTF-8 whatever PGCLIENTENCODING says: the server cannot send a row holding a character the
+        # client encoding lacks, and every claim of that row's shard would fail, rolled back, forever.
+        engine = create_engine(url, pool_size=pool_size, max_overflow=2,
+                               connect_args={"connect_timeout": 10, "client_encoding": "UTF8"})
         configure_postgres_engine(engine)
         return engine
     if backend == "sqlite":

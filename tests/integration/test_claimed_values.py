@@ -64,3 +64,17 @@ def test_sqlite_claims_whole_real_numbers_as_floats(sqlite_url):
         store.close()
     # What a SELECT of the row gives; RETURNING gave 5 and 0, integers.
     assert values == [(5.0, float), (0.0, float), (2.5, float)]
+
+
+def test_a_client_encoding_from_the_environment_cannot_block_a_shard(pg_url, monkeypatch):
+    # With LATIN1 the server could not send the snowman: every claim of its shard failed, rolled back.
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    store = open_store(make_settings(db_url=pg_url))
+    store.init_schema()
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO signals (id, name, value, source) VALUES (1, U&'\\2603', 1, 's')"))
+        assert [row.name for row in store.claim("me", 1, 0, 10, 30).rows] == ["\u2603"]
+    finally:
+        store.close()
+
