@@ -51,6 +51,17 @@ def _number(field: str, value: Any) -> int | float | None:
     raise PayloadError(f"{field} has unsupported type {type(value).__name__}")
 
 
+def _integer_id(value: Any) -> int:
+    """An id from a NUMERIC (or other non-integer) id column, as the integer it holds."""
+    if isinstance(value, Decimal | float) and not isinstance(value, bool):
+        try:
+            if value == int(value):
+                return int(value)
+        except (ValueError, OverflowError):  # NaN, infinity
+            pass
+    raise PayloadError(f"id {value!r} is not an integer")
+
+
 def _text(field: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -111,8 +122,9 @@ def prepare(row: ClaimedRow, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Prep
         raise PayloadError("name is NULL")
     if row.value is None:
         raise PayloadError("value is NULL")
+    row_id = row.id if row.id.__class__ is int else _integer_id(row.id)
     payload = {
-        "id": row.id,
+        "id": row_id,
         "name": _text("name", row.name),
         "value": _number("value", row.value),
         "source": _text("source", row.source),
@@ -125,7 +137,7 @@ def prepare(row: ClaimedRow, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Prep
         size = len(_UTF8_JSON.encode(payload).encode("utf-8"))
         if size > max_bytes:
             raise PayloadError(f"payload is {size} bytes, over the {max_bytes}-byte maximum")
-    return Prepared(row.id, payload, text)
+    return Prepared(row_id, payload, text)
 
 
 def build_payload(row: ClaimedRow, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any]:

@@ -80,7 +80,8 @@ PG_TYPES: dict[str, list[Odd]] = {
 PG_GOOD = {"TEXT": "'n'", "VARCHAR(100)": "'n'", "DOUBLE PRECISION": "1.5", "NUMERIC": "1.5",
            "TIMESTAMPTZ": "now()", "TIMESTAMP": "localtimestamp", "DATE": "current_date"}
 PG_IDS = {"BIGINT": [-(2**63), -(2**63) + 1, -(2**53) - 1, -1, 0, 2**53 + 1, 2**63 - 2, 2**63 - 1],
-          "INTEGER": [-(2**31), -(2**31) + 1, -1, 0, 2**31 - 2, 2**31 - 1]}
+          "INTEGER": [-(2**31), -(2**31) + 1, -1, 0, 2**31 - 2, 2**31 - 1],
+          "NUMERIC(20)": [-(10**20) + 1, -(2**63) - 1, -1, 0, 2**63, 2**64 - 1, 10**20 - 1]}
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ PG_VARIANTS = [
     Variant("date-timestamp", timestamp="DATE"),
     Variant("numeric-value", value="NUMERIC"),
     Variant("integer-id", id="INTEGER"),
+    Variant("numeric-id", id="NUMERIC(20)"),
     Variant("varchar-name", name="VARCHAR(100)"),
 ]
 

@@ -353,3 +353,18 @@ def test_an_unreadable_value_is_never_sent_as_its_description() -> None:
     # Its str() describes the problem; _text would otherwise have relayed that as the name.
     with pytest.raises(PayloadError):
         build_payload(row(name=Unreadable("x", "why")))
+
+
+# --- ids of a NUMERIC id column ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stored", [Decimal("12"), Decimal("-12"), Decimal("18446744073709551615"), 12.0])
+def test_a_whole_numeric_id_is_sent_as_an_integer(stored: object) -> None:
+    prepared = build_payload(row(id=stored))
+    assert prepared["id"] == int(stored) and prepared["id"].__class__ is int
+
+
+@pytest.mark.parametrize("stored", [Decimal("1.5"), Decimal("NaN"), Decimal("Infinity"), float("nan"), "7"])
+def test_an_id_that_is_no_integer_rejects_its_row(stored: object) -> None:
+    with pytest.raises(PayloadError, match="^id .* is not an integer$"):
+        build_payload(row(id=stored))
