@@ -224,6 +224,8 @@ class PostgresStore(SqlStore):
         try:
             rows = self._one_statement(lambda conn: conn.execute(statement, params).all())
         except Exception as exc:
+            if getattr(exc, "connection_invalidated", False):
+                raise  # the database went away: nothing to read again
             # The claim commits before its rows are read: a value the driver cannot turn into
             # Python (a timestamp of 'infinity') fails the read of a batch that is leased to us
             # all the same. Read it again, tolerantly; without a lease it was a real failure.
