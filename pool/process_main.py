@@ -135,18 +135,29 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     # PROMETHEUS_MULTIPROC_DIR; connections are made here too, never inherited.
     from pool.metrics import PrometheusHooks, use_worker_files
     from pool.poller import Poller, PollerIdentity
+    from pool.poller_slot import SlotTaken, claim_slot
     from pool.publisher import create_publisher
     from pool.queue_depth import QueueDepth
     from pool.shards import ShardKeeper, host_id
     from pool.store import open_store
 
-    use_worker_files(worker_slot(index))
+    slot = worker_slot(index)
+    try:
+        # Before its metric files are touched: a live twin in this slot writes the same ones.
+        claim = claim_slot(os.environ["PROMETHEUS_MULTIPROC_DIR"], slot)
+    except SlotTaken as exc:
+        reporter.fatal(slot, f"{exc}: give each poller its own --slot, and each pool start its own"
+                             " PROMETHEUS_MULTIPROC_DIR")
+        raise SystemExit(2) from None  # a failure to start, not a clean exit to restart at once
+    use_worker_files(slot)
     store = open_store(settings)
     publisher = create_publisher(settings)
     depth = QueueDepth(settings)
-    host = host_id(settings.host_id)
-    keeper = ShardKeeper(store, host, worker_slot(index), settings.shard_lease_seconds)
-    identity = PollerIdentity(owner=f"{host}:{os.getpid()}:{index}", index=index, shard_count=shard_count)
+    keeper = ShardKeeper(store, host_id(settings.host_id), slot, settings.shard_lease_seconds,
+                         replaces=claim.predecessor)
+    claim.record(keeper.member)
+    # Row leases carry the member name too: unique per process, and it says whose lease it is.
+    identity = PollerIdentity(owner=keeper.member, index=index, shard_count=shard_count)
     poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth, shards=keeper)
     # The loop reads poller.settings afresh for every batch: one assignment swaps them.
     reporter.on_reload(lambda changes: setattr(poller, "settings", poller.settings.replace(**changes)),
@@ -159,6 +170,7 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
         depth.close()
         publisher.close()
         store.close()
+        claim.close()
     log.info("stopped")
 
 
@@ -170,6 +182,7 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     setup_logging(settings.log_level, "coordinator", settings.log_format,
                   secret_urls=(settings.db_url, settings.broker_url))
     from pool.coordinator import CoordinatorApp, ask_parent_to_reload, poller_collector, serve
+    from pool.poller_slot import current_member
     from pool.queue_depth import QueueDepth
     from pool.status import StatusMonitor
     from pool.store import open_store
@@ -177,7 +190,9 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     store = open_store(settings, pool_size=1)
     depth = QueueDepth(settings)
     collector = poller_collector()
-    monitor = StatusMonitor(settings, store, depth, collector.collect, interval=settings.status_interval)
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    monitor = StatusMonitor(settings, store, depth, collector.collect, interval=settings.status_interval,
+                            slot_member=lambda slot: current_member(folder, slot))
     pruning = _periodic_prune(settings, store)
     try:
         server = serve(settings.metrics_host, settings.metrics_port,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -43,8 +44,24 @@ def host_id(configured: str) -> str:
     return configured or re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:100] or "host"
 
 
-def member_name(host: str, slot: str) -> str:
-    return f"{host}/{slot}"
+def member_name(host: str, slot: str, nonce: str) -> str:
+    """One poller process's name among the members: "<host id>/<slot>/<nonce>".
+
+    The nonce is drawn afresh by every process, so two processes never share a name (and with it
+    a heartbeat row and shard leases) even when they were given the same host id and slot: two
+    containers with one hostname, two `pool start` with one PULSE_HOST_ID. Status spots those
+    by the host and slot they share (see member_slot)."""
+    return f"{host}/{slot}/{nonce}"
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(4)
+
+
+def member_slot(member: str) -> str:
+    """The slot part of a member name ("poller-3"); the whole name if it has no slot part."""
+    parts = member.split("/")
+    return parts[1] if len(parts) >= 2 else member
 
 
 def desired_shards(members: Sequence[str], me: str, shard_count: int) -> list[int]:
@@ -59,10 +76,14 @@ class ShardKeeper:
     0.1 s while shares move) and follows membership."""
 
     def __init__(self, store: ShardLeaseStore, host: str, slot: str, ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, nonce: str | None = None,
+                 replaces: str | None = None) -> None:
         self.store = store
         self.host = host
-        self.member = member_name(host, slot)
+        self.member = member_name(host, slot, nonce or new_nonce())
+        # The member this process succeeds in its slot (a restart): its row and shards are
+        # handed over at the first sync instead of waiting out its lease as a ghost.
+        self.replaces = replaces if replaces != self.member else None
         self.ttl = ttl
         self.clock = clock
         self.shard_count = store.shard_count()
@@ -81,6 +102,10 @@ class ShardKeeper:
         started = self.clock()
         # Retry soon if this fails, not only after a whole interval.
         self._next_sync = started + min(SYNC_EVERY, self.ttl / 3)
+        if self.replaces:
+            self.store.leave(self.replaces)
+            log.info("took over from %s, this slot's previous process", self.replaces)
+            self.replaces = None
         members = self.store.member_heartbeat(self.member, self.host, os.getpid(), self.ttl)
         desired = desired_shards(members, self.member, self.shard_count)
         held = self.store.sync_shards(self.member, desired, self.ttl)

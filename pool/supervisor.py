@@ -25,6 +25,7 @@ from typing import Any
 from pool.config import RELOADABLE, Settings
 from pool.coordinator import reset_metrics_dir
 from pool.errors import ConfigError
+from pool.poller_slot import slots_in_use
 from pool.process_main import coordinator_main, poller_main, worker_slot
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,13 @@ class Supervisor:
         metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not metrics_dir:
             metrics_dir = owned_dir = tempfile.mkdtemp(prefix="pool-metrics-")
+        busy = slots_in_use(metrics_dir)
+        if busy:
+            # Emptying it would erase their totals, and our pollers would write into their files.
+            raise ConfigError(
+                f"PROMETHEUS_MULTIPROC_DIR {metrics_dir} is in use by running pollers ({', '.join(busy)}):"
+                " give each pool start its own folder"
+            )
         reset_metrics_dir(metrics_dir)
         # Children inherit this environment; it must be set before they import prometheus_client.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
