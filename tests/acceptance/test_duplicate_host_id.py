@@ -167,3 +167,33 @@ def test_a_second_pool_start_on_a_metrics_folder_in_use_is_refused_and_erases_no
         assert first.wait(timeout=60) == 0, first.output()
     finally:
         first.kill()
+
+
+def test_a_second_standalone_poller_in_a_taken_slot_is_refused_and_leaves_the_first_alone(
+        pg_url, redis_url, queue_name, tmp_path):
+    """Two `pool poller --slot 0` programs with one metrics folder (a supervisord config that names
+    a slot twice) would write the same metric files; the second says so and exits 2."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    env = clean_env(PULSE_DB_URL=pg_url, PULSE_BROKER_URL=redis_url, PULSE_QUEUE=queue_name,
+                    PULSE_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(folder))
+    assert run_pool("init-db", env=env, cwd=tmp_path).returncode == 0
+    first = PoolProcess("poller", "--slot", "0", env=env, cwd=tmp_path)
+    second = None
+    try:
+        pid = first.wait_for_line(r"ready: poller-0 \(pid (\d+)\)")[1]
+        live_gauges = sorted(p.name for p in folder.glob("gauge_live*_poller-0.db"))
+        assert live_gauges
+        second = PoolProcess("poller", "--slot", "0", env=env, cwd=tmp_path)
+        assert second.wait(timeout=30) == 2, second.output()
+        assert second.lines[-1] == (
+            f"pool: error: poller-0 already runs with metrics folder {folder} (pid {pid}): give each poller"
+            " its own --slot, and each pool start its own PROMETHEUS_MULTIPROC_DIR"), second.output()
+        # The first one's heartbeat and pid gauges are still there for the coordinator to read.
+        assert sorted(p.name for p in folder.glob("gauge_live*_poller-0.db")) == live_gauges
+        first.signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0, first.output()
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
