@@ -17,6 +17,7 @@ from pool.config import Settings
 from pool.errors import ConfigError
 from pool.logs import setup_logging
 from pool.poller import StopSignal
+from pool.poller_slot import SlotClaim, SlotTaken, claim_slot
 from pool.signal_relay import relay_signals
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,21 @@ def worker_slot(index: int) -> str:
     return f"poller-{index}"
 
 
-def poller_main(settings: Settings, index: int, shard_count: int, events: Connection | Reporter) -> None:
-    """Claim -> publish -> ack until SIGTERM/SIGINT; then finish or release the in-flight batch."""
+def take_slot(index: int) -> SlotClaim:
+    """Hold poller slot `index` in the metrics folder for this process's life, or a ConfigError:
+    a live twin in this slot writes the same metric files."""
+    try:
+        return claim_slot(os.environ["PROMETHEUS_MULTIPROC_DIR"], worker_slot(index))
+    except SlotTaken as exc:
+        raise ConfigError(f"{exc}: give each poller its own --slot, and each pool start its own"
+                          " PROMETHEUS_MULTIPROC_DIR") from None
+
+
+def poller_main(settings: Settings, index: int, shard_count: int, events: Connection | Reporter,
+                slot_claim: SlotClaim | None = None) -> None:
+    """Claim -> publish -> ack until SIGTERM/SIGINT; then finish or release the in-flight batch.
+
+    `slot_claim`: the slot already taken by the caller (see take_slot); else it is taken here."""
     reporter = as_reporter(events)
     # Keep a margin inside the supervisor's timeout for releasing what could not be published.
     stop = StopSignal(grace=max(0.5, settings.shutdown_timeout * 0.8))
@@ -135,20 +149,19 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     # PROMETHEUS_MULTIPROC_DIR; connections are made here too, never inherited.
     from pool.metrics import PrometheusHooks, use_worker_files
     from pool.poller import Poller, PollerIdentity
-    from pool.poller_slot import SlotTaken, claim_slot
     from pool.publisher import create_publisher
     from pool.queue_depth import QueueDepth
     from pool.shards import ShardKeeper, host_id
     from pool.store import open_store
 
     slot = worker_slot(index)
-    try:
-        # Before its metric files are touched: a live twin in this slot writes the same ones.
-        claim = claim_slot(os.environ["PROMETHEUS_MULTIPROC_DIR"], slot)
-    except SlotTaken as exc:
-        reporter.fatal(slot, f"{exc}: give each poller its own --slot, and each pool start its own"
-                             " PROMETHEUS_MULTIPROC_DIR")
-        raise SystemExit(2) from None  # a failure to start, not a clean exit to restart at once
+    claim = slot_claim
+    if claim is None:
+        try:
+            claim = take_slot(index)  # before its metric files are touched
+        except ConfigError as exc:
+            reporter.fatal(slot, str(exc))
+            raise SystemExit(2) from None  # a failure to start, not a clean exit to restart at once
     use_worker_files(slot)
     store = open_store(settings)
     publisher = create_publisher(settings)

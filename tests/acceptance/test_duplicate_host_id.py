@@ -190,7 +190,7 @@ def test_a_second_standalone_poller_in_a_taken_slot_is_refused_and_leaves_the_fi
             f"pool: error: poller-0 already runs with metrics folder {folder} (pid {pid}): give each poller"
             " its own --slot, and each pool start its own PROMETHEUS_MULTIPROC_DIR"), second.output()
         # The first one's heartbeat and pid gauges are still there for the coordinator to read.
-        assert sorted(p.name for p in folder.glob("gauge_live*_poller-0.db")) == live_gauges
+        assert sorted(p.name for p in folder.glob("gauge_live*_poller-0.db")) == live_gauges, first.output()
         first.signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0, first.output()
     finally:
