@@ -58,7 +58,7 @@ class SlotClaim:
 def claim_slot(folder: str, slot: str) -> SlotClaim:
     """Lock `slot` in `folder` for this process's life, or raise SlotTaken naming the holder."""
     path = slot_file(folder, slot)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # OSError: the folder is not usable at all
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -66,6 +66,10 @@ def claim_slot(folder: str, slot: str) -> SlotClaim:
         os.close(fd)
         holder = f" (pid {pid})" if pid else ""
         raise SlotTaken(f"{slot} already runs with metrics folder {folder}{holder}") from None
+    except OSError:
+        # A filesystem without locks: run, but with no proof that the last holder is gone, take
+        # nothing over (its shards come free when its leases expire).
+        return SlotClaim(path, fd, None)
     member, _pid = _parse(_read(fd))
     return SlotClaim(path, fd, member)
 
@@ -96,6 +100,8 @@ def slots_in_use(folder: str) -> list[str]:
         except BlockingIOError:
             _member, pid = _parse(_read(fd))
             busy.append(name[: -len(SUFFIX)] + (f" (pid {pid})" if pid else ""))
+        except OSError:
+            pass  # no locks on this filesystem: nothing to tell
         finally:
             os.close(fd)
     return busy

@@ -127,11 +127,14 @@ def worker_slot(index: int) -> str:
 def take_slot(index: int) -> SlotClaim:
     """Hold poller slot `index` in the metrics folder for this process's life, or a ConfigError:
     a live twin in this slot writes the same metric files."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     try:
-        return claim_slot(os.environ["PROMETHEUS_MULTIPROC_DIR"], worker_slot(index))
+        return claim_slot(folder, worker_slot(index))
     except SlotTaken as exc:
         raise ConfigError(f"{exc}: give each poller its own --slot, and each pool start its own"
                           " PROMETHEUS_MULTIPROC_DIR") from None
+    except OSError as exc:
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR {folder}: {exc.strerror}") from None
 
 
 def poller_main(settings: Settings, index: int, shard_count: int, events: Connection | Reporter,

@@ -197,3 +197,40 @@ def test_a_second_standalone_poller_in_a_taken_slot_is_refused_and_leaves_the_fi
         first.kill()
         if second is not None:
             second.kill()
+
+
+def test_a_pool_start_killed_outright_and_started_again_takes_over_at_once(pg_url, redis_url, queue_name,
+                                                                           tmp_path):
+    """The whole process group SIGKILLed (a container stopped hard) and started again on the same
+    metrics folder: the slot files name the old members, so the new pollers replace them at once
+    instead of waiting SHARD_LEASE seconds for their leases (as before member names had nonces)."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    env = clean_env(PULSE_DB_URL=pg_url, PULSE_BROKER_URL=redis_url, PULSE_QUEUE=queue_name,
+                    PULSE_METRICS_PORT="0", PROMETHEUS_MULTIPROC_DIR=str(folder),
+                    PULSE_SHARD_LEASE_SECONDS=str(SHARD_LEASE))
+    assert run_pool("init-db", env=env, cwd=tmp_path).returncode == 0
+    first = PoolProcess("start", "--workers", str(WORKERS), "--host-id", HOST, env=env, cwd=tmp_path)
+    second = None
+    try:
+        first.wait_for_line(rf"ready: {WORKERS} pollers")
+        wait_until(lambda: sum(shard_owners(pg_url).values()) == SHARDS, timeout=30, message="shards held")
+        old = set(members(pg_url))
+        first.kill()
+        killed_at = time.monotonic()
+        second = PoolProcess("start", "--workers", str(WORKERS), "--host-id", HOST, env=env, cwd=tmp_path)
+        second.wait_for_line(rf"ready: {WORKERS} pollers")
+
+        def replaced() -> bool:
+            owners, current = shard_owners(pg_url), set(members(pg_url))
+            return len(current) == WORKERS and not current & old and sum(owners.values()) == SHARDS \
+                and not set(owners) & old
+
+        wait_until(replaced, timeout=SHARD_LEASE / 2, interval=0.05, message="the old members replaced")
+        print(f"\nnew pool start took over from the killed one in {time.monotonic() - killed_at:.2f} s")
+        second.signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0, second.output()
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
