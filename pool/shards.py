@@ -4,8 +4,10 @@ Every poller heartbeats its membership and then asks for its share: the live mem
 split the S shards round robin (member i of M takes the shards s with s % M == i). A member
 that joins or leaves changes everybody's share; each poller releases what is no longer its own
 and takes what is, at a batch boundary, through leases in the database. A dead poller's shards
-are free once its lease expires. Row leases stay the safety net while two pollers briefly
-disagree about a shard. No SQL here: the store has it.
+are free once its lease expires, unless a successor in its slot takes them over at once (a
+restart). Every process is a member of its own, whatever host id and slot it was given. Row
+leases stay the safety net while two pollers briefly disagree about a shard. No SQL here: the
+store has it.
 """
 
 from __future__ import annotations
@@ -76,11 +78,10 @@ class ShardKeeper:
     0.1 s while shares move) and follows membership."""
 
     def __init__(self, store: ShardLeaseStore, host: str, slot: str, ttl: float,
-                 clock: Callable[[], float] = time.monotonic, nonce: str | None = None,
-                 replaces: str | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, replaces: str | None = None) -> None:
         self.store = store
         self.host = host
-        self.member = member_name(host, slot, nonce or new_nonce())
+        self.member = member_name(host, slot, new_nonce())
         # The member this process succeeds in its slot (a restart): its row and shards are
         # handed over at the first sync instead of waiting out its lease as a ghost.
         self.replaces = replaces if replaces != self.member else None
