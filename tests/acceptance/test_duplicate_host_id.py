@@ -97,7 +97,8 @@ def test_two_pool_starts_with_one_host_id_are_four_members_relay_everything_and_
                 code, report = status(env, tmp_path)
                 snap = report["status"]
                 truth = snap and snap["hosts"] == [{"host": HOST, "pollers": 4, "shards": SHARDS}] \
-                    and snap["host_pollers_live"] == 4 and names_the_duplicate(report["problems"])
+                    and snap["host_pollers_live"] == 4 and names_the_duplicate(report["problems"]) \
+                    and [len(p["shards"]) for p in snap["pollers"]] == [SHARDS // 4] * WORKERS
                 return report if code == 1 and truth else None
 
             report = wait_until(shows_the_truth, timeout=30, message=f"coordinator {name}: 4 pollers named")
