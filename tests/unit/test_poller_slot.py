@@ -40,3 +40,21 @@ def test_emptying_the_metrics_folder_keeps_the_slot_files(tmp_path) -> None:
     reset_metrics_dir(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["poller-0.member"]
     assert current_member(str(tmp_path), "poller-0") == "h/poller-0/cc33"
+
+
+def test_pool_start_holds_its_metrics_folder_and_refuses_one_that_pollers_write_to(tmp_path) -> None:
+    from pool.errors import ConfigError
+    from pool.supervisor import hold_metrics_dir
+
+    folder = str(tmp_path / "metrics")  # created if missing
+    hold = hold_metrics_dir(folder)
+    taken = rf"pool-start already runs with metrics folder .* \(pid {os.getpid()}\)"
+    with pytest.raises(ConfigError, match=taken):
+        hold_metrics_dir(folder)
+    hold.close()
+    poller = claim_slot(folder, "poller-3")  # a `pool poller --slot 3` on this folder
+    poller.record("h/poller-3/dd44")
+    with pytest.raises(ConfigError, match=rf"in use by running pollers \(poller-3 \(pid {os.getpid()}\)\)"):
+        hold_metrics_dir(folder)
+    poller.close()
+    hold_metrics_dir(folder).close()  # free again: nobody writes there
