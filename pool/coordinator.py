@@ -26,6 +26,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
+from pool.poller_slot import is_slot_file
 from pool.status import Snapshot, StatusMonitor
 
 STATIC_FILES = {
@@ -149,9 +150,13 @@ def ask_parent_to_reload() -> None:
 
 
 def reset_metrics_dir(path: str) -> None:
-    """Empty the multi-process directory: stale files from an earlier run would be summed in."""
+    """Empty the multi-process directory: stale files from an earlier run would be summed in.
+
+    The poller slot files stay: they name the members the next pollers take over from."""
     os.makedirs(path, exist_ok=True)
     for entry in os.listdir(path):
+        if is_slot_file(entry):
+            continue
         full = os.path.join(path, entry)
         if os.path.isdir(full):
             shutil.rmtree(full)

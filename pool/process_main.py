@@ -17,6 +17,7 @@ from pool.config import Settings
 from pool.errors import ConfigError
 from pool.logs import setup_logging
 from pool.poller import StopSignal
+from pool.poller_slot import SlotClaim, SlotTaken, claim_slot
 from pool.signal_relay import relay_signals
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,24 @@ def worker_slot(index: int) -> str:
     return f"poller-{index}"
 
 
-def poller_main(settings: Settings, index: int, shard_count: int, events: Connection | Reporter) -> None:
-    """Claim -> publish -> ack until SIGTERM/SIGINT; then finish or release the in-flight batch."""
+def take_slot(index: int) -> SlotClaim:
+    """Hold poller slot `index` in the metrics folder for this process's life, or a ConfigError:
+    a live twin in this slot writes the same metric files."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    try:
+        return claim_slot(folder, worker_slot(index))
+    except SlotTaken as exc:
+        raise ConfigError(f"{exc}: give each poller its own --slot, and each pool start its own"
+                          " PROMETHEUS_MULTIPROC_DIR") from None
+    except OSError as exc:
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR {folder}: {exc.strerror}") from None
+
+
+def poller_main(settings: Settings, index: int, shard_count: int, events: Connection | Reporter,
+                slot_claim: SlotClaim | None = None) -> None:
+    """Claim -> publish -> ack until SIGTERM/SIGINT; then finish or release the in-flight batch.
+
+    `slot_claim`: the slot already taken by the caller (see take_slot); else it is taken here."""
     reporter = as_reporter(events)
     # Keep a margin inside the supervisor's timeout for releasing what could not be published.
     stop = StopSignal(grace=max(0.5, settings.shutdown_timeout * 0.8))
@@ -140,13 +157,23 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     from pool.shards import ShardKeeper, host_id
     from pool.store import open_store
 
-    use_worker_files(worker_slot(index))
+    slot = worker_slot(index)
+    claim = slot_claim
+    if claim is None:
+        try:
+            claim = take_slot(index)  # before its metric files are touched
+        except ConfigError as exc:
+            reporter.fatal(slot, str(exc))
+            raise SystemExit(2) from None  # a failure to start, not a clean exit to restart at once
+    use_worker_files(slot)
     store = open_store(settings)
     publisher = create_publisher(settings)
     depth = QueueDepth(settings)
-    host = host_id(settings.host_id)
-    keeper = ShardKeeper(store, host, worker_slot(index), settings.shard_lease_seconds)
-    identity = PollerIdentity(owner=f"{host}:{os.getpid()}:{index}", index=index, shard_count=shard_count)
+    keeper = ShardKeeper(store, host_id(settings.host_id), slot, settings.shard_lease_seconds,
+                         replaces=claim.predecessor)
+    claim.record(keeper.member)
+    # Row leases carry the member name too: unique per process, and it says whose lease it is.
+    identity = PollerIdentity(owner=keeper.member, index=index, shard_count=shard_count)
     poller = Poller(store, publisher, identity, settings, stop, PrometheusHooks(index), depth, shards=keeper)
     # The loop reads poller.settings afresh for every batch: one assignment swaps them.
     reporter.on_reload(lambda changes: setattr(poller, "settings", poller.settings.replace(**changes)),
@@ -159,6 +186,7 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
         depth.close()
         publisher.close()
         store.close()
+        claim.close()
     log.info("stopped")
 
 
@@ -170,6 +198,7 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     setup_logging(settings.log_level, "coordinator", settings.log_format,
                   secret_urls=(settings.db_url, settings.broker_url))
     from pool.coordinator import CoordinatorApp, ask_parent_to_reload, poller_collector, serve
+    from pool.poller_slot import current_member
     from pool.queue_depth import QueueDepth
     from pool.status import StatusMonitor
     from pool.store import open_store
@@ -177,7 +206,9 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     store = open_store(settings, pool_size=1)
     depth = QueueDepth(settings)
     collector = poller_collector()
-    monitor = StatusMonitor(settings, store, depth, collector.collect, interval=settings.status_interval)
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    monitor = StatusMonitor(settings, store, depth, collector.collect, interval=settings.status_interval,
+                            slot_member=lambda slot: current_member(folder, slot))
     pruning = _periodic_prune(settings, store)
     try:
         server = serve(settings.metrics_host, settings.metrics_port,

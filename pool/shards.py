@@ -4,8 +4,10 @@ Every poller heartbeats its membership and then asks for its share: the live mem
 split the S shards round robin (member i of M takes the shards s with s % M == i). A member
 that joins or leaves changes everybody's share; each poller releases what is no longer its own
 and takes what is, at a batch boundary, through leases in the database. A dead poller's shards
-are free once its lease expires. Row leases stay the safety net while two pollers briefly
-disagree about a shard. No SQL here: the store has it.
+are free once its lease expires, unless a successor in its slot takes them over at once (a
+restart). Every process is a member of its own, whatever host id and slot it was given. Row
+leases stay the safety net while two pollers briefly disagree about a shard. No SQL here: the
+store has it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -43,8 +46,24 @@ def host_id(configured: str) -> str:
     return configured or re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:100] or "host"
 
 
-def member_name(host: str, slot: str) -> str:
-    return f"{host}/{slot}"
+def member_name(host: str, slot: str, nonce: str) -> str:
+    """One poller process's name among the members: "<host id>/<slot>/<nonce>".
+
+    The nonce is drawn afresh by every process, so two processes never share a name (and with it
+    a heartbeat row and shard leases) even when they were given the same host id and slot: two
+    containers with one hostname, two `pool start` with one PULSE_HOST_ID. Status spots those
+    by the host and slot they share (see member_slot)."""
+    return f"{host}/{slot}/{nonce}"
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(4)
+
+
+def member_slot(member: str) -> str:
+    """The slot part of a member name ("poller-3"); the whole name if it has no slot part."""
+    parts = member.split("/")
+    return parts[1] if len(parts) >= 2 else member
 
 
 def desired_shards(members: Sequence[str], me: str, shard_count: int) -> list[int]:
@@ -59,10 +78,13 @@ class ShardKeeper:
     0.1 s while shares move) and follows membership."""
 
     def __init__(self, store: ShardLeaseStore, host: str, slot: str, ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, replaces: str | None = None) -> None:
         self.store = store
         self.host = host
-        self.member = member_name(host, slot)
+        self.member = member_name(host, slot, new_nonce())
+        # The member this process succeeds in its slot (a restart): its row and shards are
+        # handed over at the first sync instead of waiting out its lease as a ghost.
+        self.replaces = replaces if replaces != self.member else None
         self.ttl = ttl
         self.clock = clock
         self.shard_count = store.shard_count()
@@ -81,6 +103,10 @@ class ShardKeeper:
         started = self.clock()
         # Retry soon if this fails, not only after a whole interval.
         self._next_sync = started + min(SYNC_EVERY, self.ttl / 3)
+        if self.replaces:
+            self.store.leave(self.replaces)
+            log.info("took over from %s, this slot's previous process", self.replaces)
+            self.replaces = None
         members = self.store.member_heartbeat(self.member, self.host, os.getpid(), self.ttl)
         desired = desired_shards(members, self.member, self.shard_count)
         held = self.store.sync_shards(self.member, desired, self.ttl)

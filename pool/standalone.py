@@ -15,7 +15,7 @@ import os
 
 from pool.config import Settings
 from pool.errors import ConfigError
-from pool.process_main import LogReporter, coordinator_main, poller_main, worker_slot
+from pool.process_main import LogReporter, coordinator_main, poller_main, take_slot, worker_slot
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ def run_poller(settings: Settings, slot: int) -> None:
     """Run poller `slot` of `settings.workers` until SIGTERM/SIGINT, as under `pool start`."""
     metrics_dir("pool poller")
     check_slot(slot, settings.workers)
+    # First: a twin still running in this slot must keep its files, and this one must not start.
+    claim = take_slot(slot)
     from prometheus_client import multiprocess
 
     # A predecessor in this slot that was killed left its live gauges behind (pid, heartbeat,
@@ -61,7 +63,7 @@ def run_poller(settings: Settings, slot: int) -> None:
     # only this slot's are removed; its counters stay and this poller counts on from them.
     multiprocess.mark_process_dead(worker_slot(slot))
     try:
-        poller_main(settings, slot, settings.workers, LogReporter())
+        poller_main(settings, slot, settings.workers, LogReporter(), claim)
     finally:
         # As `pool start` does when it reaps a poller: a stopped poller is no longer shown live.
         multiprocess.mark_process_dead(worker_slot(slot))

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from pool.config import Settings
-from pool.shards import host_id, member_name
+from pool.shards import SYNC_EVERY, host_id, member_slot
 from pool.store.base import BacklogStats, DeadRow, first_line
 from pool.store.shards import Member, ShardOwner
 
@@ -37,6 +37,8 @@ TOTALS = {
     "pool_database_errors_total": "database_errors",
     "pool_backpressure_pauses_total": "backpressure_pauses",
 }
+# A live poller heartbeats its membership at least every SYNC_EVERY seconds.
+DUPLICATE_HEARTBEAT_SECONDS = 3 * SYNC_EVERY
 POLLER_GAUGES = {
     "pool_poller_heartbeat_timestamp_seconds": "heartbeat",
     "pool_poller_start_time_seconds": "started_at",
@@ -116,6 +118,25 @@ class Snapshot:
     def pollers_live(self) -> int:
         return sum(p.live for p in self.pollers)
 
+    def duplicates(self) -> list[dict[str, Any]]:
+        """Slots that more than one live process claims under one host id: two containers with
+        one hostname, or two `pool start` given the same PULSE_HOST_ID. Each process is a
+        member of its own and relays its share, but the host id no longer says which is which."""
+        # A member killed without a successor beats no more; past a few missed syncs it is a
+        # ghost waiting for its lease to run out, not a second process.
+        recent = DUPLICATE_HEARTBEAT_SECONDS
+        claimed: dict[tuple[str, str], list[Member]] = {}
+        for m in self.members:
+            if m.live and m.heartbeat_age_seconds <= recent:
+                claimed.setdefault((m.host, member_slot(m.member)), []).append(m)
+        return [{"host": host, "slot": slot, "processes": len(found),
+                  "pids": [m.pid for m in found], "members": [m.member for m in found]}
+                for (host, slot), found in sorted(claimed.items()) if len(found) > 1]
+
+    def host_pollers_live(self) -> int:
+        """Live pollers under this coordinator's host id, from every process that heartbeats it."""
+        return sum(1 for m in self.members if m.live and m.host == self.host)
+
     def hosts(self) -> list[dict[str, Any]]:
         """Every host with live pollers on this table: its pollers and how many shards they hold."""
         held: dict[str, int] = {}
@@ -141,10 +162,15 @@ class Snapshot:
             found.append(f"broker unreachable: {self.broker_error}")
         if self.pollers_live < self.pollers_expected:
             found.append(f"{self.pollers_live} of {self.pollers_expected} pollers live")
+        found.extend(_duplicate_problems(self.duplicates()))
         return found
 
     def ready(self) -> bool:
-        """Database and broker reachable and at least one poller live (for /readyz)."""
+        """Database and broker reachable and at least one poller live (for /readyz).
+
+        A duplicate host id is a problem (unhealthy, in /readyz's body) but leaves this ready:
+        every process still holds shards of its own and relays them, and taking the
+        coordinators out of service would hide the status that names the clash."""
         return bool(self.refreshed_at) and self.database_ok and self.broker_ok and self.pollers_live > 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -155,10 +181,25 @@ class Snapshot:
                           for s, n in sorted(self.shards.items())]
         data["hosts"] = self.hosts()
         data["pollers_live"] = self.pollers_live
+        data["host_pollers_live"] = self.host_pollers_live()
+        data["duplicates"] = self.duplicates()
         data["healthy"] = not self.problems()
         data["ready"] = self.ready()
         data["problems"] = self.problems()
         return data
+
+
+def _duplicate_problems(duplicates: list[dict[str, Any]]) -> list[str]:
+    """One line per host: "host web-1: 2 processes claim poller-0 (pids 11, 12), 2 claim …"."""
+    by_host: dict[str, list[str]] = {}
+    for d in duplicates:
+        claims = by_host.setdefault(d["host"], [])
+        pids = ", ".join(str(p) for p in d["pids"])
+        noun = "" if claims else "processes "
+        claims.append(f"{d['processes']} {noun}claim {d['slot']} (pids {pids})")
+    return [f"host {host}: {', '.join(claims)}: more than one pool start or container runs under this"
+            " host id; give each its own --host-id (PULSE_HOST_ID)"
+            for host, claims in sorted(by_host.items())]
 
 
 def read_samples(collect: Callable[[], Iterable[Any]]) -> list[Sample]:
@@ -172,8 +213,10 @@ def live_after(settings: Settings) -> float:
 
 
 def build_pollers(samples: list[Sample], settings: Settings, now: float,
-                  owners: dict[int, str | None] | None = None) -> list[PollerStatus]:
-    host = host_id(settings.host_id)
+                  owners: dict[int, str | None] | None = None,
+                  slot_member: Callable[[str], str | None] = lambda _slot: None) -> list[PollerStatus]:
+    """This coordinator's pollers, from their metric files; `slot_member` names the member
+    (in the members table) that runs a slot here, for the shards it holds."""
     by_member: dict[str, list[int]] = {}
     for shard, owner in sorted((owners or {}).items()):
         if owner:
@@ -195,7 +238,7 @@ def build_pollers(samples: list[Sample], settings: Settings, now: float,
         age = None if heartbeat is None else max(0.0, now - heartbeat)
         pollers.append(PollerStatus(
             worker=worker,
-            shards=by_member.get(member_name(host, f"poller-{worker}"), []),
+            shards=by_member.get(slot_member(f"poller-{worker}") or "", []),
             live=age is not None and age <= live_after(settings),
             pid=int(fields["pid"]) if "pid" in fields else None,
             heartbeat_age_seconds=age,
@@ -221,8 +264,10 @@ class StatusMonitor:
 
     def __init__(self, settings: Settings, store: StatusStore, depth: DepthProbe,
                  collect: Callable[[], Iterable[Any]], interval: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 slot_member: Callable[[str], str | None] = lambda _slot: None) -> None:
         self.settings = settings
+        self.slot_member = slot_member
         self.store = store
         self.depth = depth
         self.collect = collect
@@ -264,7 +309,7 @@ class StatusMonitor:
             snap.broker_error = "cannot read the queue depth"
         samples = read_samples(self.collect)
         snap.totals = sum_totals(samples)
-        snap.pollers = build_pollers(samples, self.settings, now, snap.shard_owners)
+        snap.pollers = build_pollers(samples, self.settings, now, snap.shard_owners, self.slot_member)
         elapsed = now - previous.refreshed_at if previous.refreshed_at else 0.0
         if elapsed > 0:
             before = {p.worker: p.acked for p in previous.pollers}

@@ -96,7 +96,12 @@ class StatusReport:
         held = sum(1 for shard in s["shards"] if shard["owner"])
         hosts = ", ".join(f"{h['host']} ({h['pollers']} pollers, {h['shards']} shards)" for h in s["hosts"])
         out.append(f"shards: {held} of {len(s['shards'])} held; hosts: {hosts or 'none live'}")
-        out.append(f"pollers on this host ({s['host']}): {s['pollers_live']} of {s['pollers_expected']} live")
+        line = f"pollers on this host ({s['host']}): {s['pollers_live']} of {s['pollers_expected']} live"
+        elsewhere = s.get("host_pollers_live", s["pollers_live"])
+        if elsewhere != s["pollers_live"]:
+            # Other processes heartbeat under the same host id (see the problems above).
+            line += f"; {elsewhere} live under host id {s['host']} in all"
+        out.append(line)
         header = ("poller", "pid", "shards", "state", "heartbeat", "rows/s", "batch", "poll", "relayed")
         rows = [header] + [(
             f"poller-{p['worker']}", str(p["pid"] or "-"), str(len(p["shards"])),

@@ -25,6 +25,7 @@ from typing import Any
 from pool.config import RELOADABLE, Settings
 from pool.coordinator import reset_metrics_dir
 from pool.errors import ConfigError
+from pool.poller_slot import SlotClaim, SlotTaken, claim_slot, slots_in_use
 from pool.process_main import coordinator_main, poller_main, worker_slot
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ READY_TIMEOUT = 60.0
 RESTART_DELAY_CAP = 30.0
 # A child that lived at least this long is considered healthy; its restart delay starts over.
 HEALTHY_LIFETIME = 10.0
+# The slot file `pool start` holds in its metrics folder (beside its pollers' poller-K files).
+SUPERVISOR_SLOT = "pool-start"
 
 
 @dataclass
@@ -241,6 +244,7 @@ class Supervisor:
         metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not metrics_dir:
             metrics_dir = owned_dir = tempfile.mkdtemp(prefix="pool-metrics-")
+        hold = hold_metrics_dir(metrics_dir)
         reset_metrics_dir(metrics_dir)
         # Children inherit this environment; it must be set before they import prometheus_client.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -273,6 +277,7 @@ class Supervisor:
             log.info("stopped")
             return EXIT_OK if clean else EXIT_FORCED
         finally:
+            hold.close()
             if owned_dir:
                 shutil.rmtree(owned_dir, ignore_errors=True)
 
@@ -300,6 +305,25 @@ class Supervisor:
                     child.process = None
             elif child.restart_at is not None and now >= child.restart_at and not self.stopping:
                 self._start(child)
+
+
+def hold_metrics_dir(path: str) -> SlotClaim:
+    """Make `path` this pool start's own for its life, or a one-line ConfigError: emptying a folder
+    that other pollers write to would erase their totals, and ours would write into their files."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        hold = claim_slot(path, SUPERVISOR_SLOT)
+    except SlotTaken as exc:
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR: {exc}; give each pool start its own folder") from None
+    except OSError as exc:
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR {path}: {exc.strerror}") from None
+    hold.record(SUPERVISOR_SLOT)
+    busy = [slot for slot in slots_in_use(path) if not slot.startswith(SUPERVISOR_SLOT + " ")]
+    if busy:
+        hold.close()
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR {path} is in use by running pollers"
+                          f" ({', '.join(busy)}): give each pool start its own folder")
+    return hold
 
 
 def run_supervisor(settings: Settings, load_settings_again: Callable[[], Settings] | None = None) -> int:

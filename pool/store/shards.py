@@ -23,7 +23,7 @@ FREE = "owner = NULL, token = NULL, expires_at = NULL"
 
 @dataclass(frozen=True)
 class Member:
-    member: str  # "<host id>/poller-<slot>"
+    member: str  # "<host id>/poller-<slot>/<nonce>": one per process (pool/shards.py)
     host: str
     pid: int | None
     heartbeat_age_seconds: float
@@ -101,10 +101,8 @@ class ShardLeaseTables:
         upsert = self._statement(
             f"INSERT INTO {members} (member, host, pid, started_at, heartbeat_at)"
             f" VALUES (:member, :host, :pid, {now}, {now})"
-            f" ON CONFLICT (member) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
-            # A new process in the same slot starts a new life.
-            f" started_at = CASE WHEN {members}.pid = excluded.pid THEN {members}.started_at"
-            f" ELSE excluded.started_at END, heartbeat_at = excluded.heartbeat_at"
+            # Each process has a name of its own, so a conflict is this process beating again.
+            f" ON CONFLICT (member) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
         )
         forget = self._statement(f"DELETE FROM {members} WHERE heartbeat_at < {self._minus_seconds('stale')}")
         live = self._statement(

@@ -183,9 +183,10 @@ def test_sigkilled_pollers_lose_nothing_and_duplicate_at_most_a_batch_per_kill(p
         with psycopg.connect(pg_url, autocommit=True) as conn:
             def a_poller_holding_a_batch() -> int | None:
                 # Which poller holds rows moves with the shard shares: take whichever does now.
-                owners = conn.execute("SELECT DISTINCT lease_owner FROM signals"
-                                      " WHERE lease_owner IS NOT NULL AND processed = 0").fetchall()
-                pids = {int(owner.split(":")[-2]) for (owner,) in owners} - killed
+                # A row lease's owner is the poller's member name; the members table has its pid.
+                owners = conn.execute("SELECT DISTINCT m.pid FROM signals s JOIN signals_pool_members m"
+                                      " ON m.member = s.lease_owner WHERE s.processed = 0").fetchall()
+                pids = {pid for (pid,) in owners} - killed
                 return min(pids) if pids else None
 
             for _ in range(3):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from pool.shards import ShardKeeper, desired_shards, host_id, member_name
+from pool.shards import ShardKeeper, desired_shards, host_id, member_name, member_slot
 
 SHARDS = 64
 TTL = 3.0
@@ -58,10 +58,18 @@ class FakeLeaseStore:
         self.heartbeats.pop(member, None)
 
     def owners(self) -> dict[str, int]:
+        """Shards held per live lease owner, named "<host>/<slot>" when the nonce is left out."""
         counts: dict[str, int] = {}
         for owner, expires in self.leases.values():
             if expires >= self.clock.now:
                 counts[owner] = counts.get(owner, 0) + 1
+        return counts
+
+    def owners_by_slot(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for owner, held in self.owners().items():
+            name = owner.rsplit("/", 1)[0]
+            counts[name] = counts.get(name, 0) + held
         return counts
 
     def _maybe_fail(self) -> None:
@@ -101,14 +109,14 @@ def test_a_dead_pollers_shards_are_taken_over_after_its_lease_and_given_back_whe
     store = FakeLeaseStore(clock)
     a, b = (ShardKeeper(store, host, "poller-0", TTL, clock=clock) for host in ("a", "b"))
     run([a, b], clock, 1.0)
-    assert store.owners() == {"a/poller-0": 32, "b/poller-0": 32}
+    assert store.owners_by_slot() == {"a/poller-0": 32, "b/poller-0": 32}
     run([a], clock, 1.0)  # b is silent, but its leases (renewed within the last second) still hold
-    assert store.owners()["b/poller-0"] == 32 and len(a.shards()) == 32
+    assert store.owners()[b.member] == 32 and len(a.shards()) == 32
     run([a], clock, TTL + 0.5)  # lease expiry plus a sync: a takes them over
-    assert store.owners() == {"a/poller-0": 64}
+    assert store.owners() == {a.member: 64}
     b2 = ShardKeeper(store, "b", "poller-0", TTL, clock=clock)
     run([a, b2], clock, 1.0)
-    assert store.owners() == {"a/poller-0": 32, "b/poller-0": 32}
+    assert store.owners() == {a.member: 32, b2.member: 32}
 
 
 def test_leave_hands_the_shards_over_at_once() -> None:
@@ -119,7 +127,7 @@ def test_leave_hands_the_shards_over_at_once() -> None:
     b.leave()
     assert b.held == []
     run([a], clock, 1.0)
-    assert store.owners() == {"a/poller-0": 64}
+    assert store.owners() == {a.member: 64}
 
 
 def test_a_database_outage_keeps_the_shards_only_while_their_leases_surely_hold() -> None:
@@ -144,4 +152,38 @@ def test_a_database_outage_keeps_the_shards_only_while_their_leases_surely_hold(
 def test_host_id_and_member_names() -> None:
     assert host_id("web-1") == "web-1"
     assert host_id("") != ""
-    assert member_name("web-1", "poller-3") == "web-1/poller-3"
+    assert member_name("web-1", "poller-3", "ab12") == "web-1/poller-3/ab12"
+    assert member_slot("web-1/poller-3/ab12") == "poller-3"
+
+
+def test_every_process_is_a_member_of_its_own_even_with_one_host_id_and_slot() -> None:
+    """Two `pool start --host-id same --workers 2`: four processes, four members, four shares."""
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    keepers = [ShardKeeper(store, "same", f"poller-{k}", TTL, clock=clock)
+               for _pool_start in range(2) for k in range(2)]
+    assert len({k.member for k in keepers}) == 4
+    run(keepers, clock, 1.0)
+    shares = [k.shards() for k in keepers]
+    assert sorted(len(share) for share in shares) == [16] * 4
+    assert sorted(s for share in shares for s in share) == list(range(SHARDS))  # no shard twice or unowned
+
+
+def test_a_restarted_poller_takes_over_its_predecessors_shards_at_once() -> None:
+    """A new process in a slot (its predecessor was killed) replaces the old member at its first
+    sync: no ghost holds shards, or counts in everybody's share, until its lease runs out."""
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    a, b = (ShardKeeper(store, host, "poller-0", TTL, clock=clock) for host in ("a", "b"))
+    run([a, b], clock, 1.0)
+    assert store.owners() == {a.member: 32, b.member: 32}
+    b_again = ShardKeeper(store, "b", "poller-0", TTL, clock=clock, replaces=b.member)  # b was SIGKILLed
+    run([a, b_again], clock, 0.2)
+    assert store.owners() == {a.member: 32, b_again.member: 32}
+    assert b.member not in store.heartbeats
+    # Without the hand-over, the killed member's shards would wait out its lease.
+    c = ShardKeeper(store, "c", "poller-0", TTL, clock=clock)
+    run([a, b_again, c], clock, 1.0)
+    c_again = ShardKeeper(store, "c", "poller-0", TTL, clock=clock)
+    run([a, b_again, c_again], clock, 0.5)
+    assert store.owners()[c.member] > 0

@@ -31,15 +31,16 @@ class FakeStore:
     def __init__(self) -> None:
         self.fail = False
         self.stats = BacklogStats(backlog=7, oldest_age_seconds=3.5, dead=1, by_shard={0: 3, 1: 4})
+        self.members = [Member(f"{HOST}/poller-0/a1", HOST, 100, 1.0, True),
+                        Member("other/poller-0/b2", "other", 7, 1.0, True),
+                        Member("gone/poller-0/c3", "gone", 8, 99.0, False)]
 
     def shard_count(self) -> int:
         return 2
 
     def cluster(self, ttl: float) -> tuple[list[Member], list[ShardOwner]]:
-        members = [Member(f"{HOST}/poller-0", HOST, 100, 1.0, True),
-                   Member("other/poller-0", "other", 7, 1.0, True),
-                   Member("gone/poller-0", "gone", 8, 99.0, False)]
-        return members, [ShardOwner(0, f"{HOST}/poller-0", 9.0), ShardOwner(1, "other/poller-0", 9.0)]
+        owners = [ShardOwner(0, f"{HOST}/poller-0/a1", 9.0), ShardOwner(1, "other/poller-0/b2", 9.0)]
+        return self.members, owners
 
     def backlog_stats(self, shard_count: int) -> BacklogStats:
         assert shard_count == 2
@@ -83,8 +84,10 @@ def poller_samples(now: float, acked: dict[str, float]) -> list[SimpleNamespace]
 
 def test_pollers_come_from_their_metric_samples_and_a_missing_one_is_down() -> None:
     samples = [(s.name, s.labels, s.value) for f in poller_samples(1000.0, {"0": 10}) for s in f.samples]
-    owners = {0: f"{HOST}/poller-0", 1: "other/poller-0", 2: f"{HOST}/poller-0", 3: None}
-    pollers = build_pollers(samples, settings(), now=1000.0, owners=owners)
+    owners = {0: f"{HOST}/poller-0/a1", 1: "other/poller-0/b2", 2: f"{HOST}/poller-0/a1", 3: None}
+    # The slot files in the metrics folder say which member runs each slot here.
+    pollers = build_pollers(samples, settings(), now=1000.0, owners=owners,
+                            slot_member={"poller-0": f"{HOST}/poller-0/a1"}.get)
     assert [(p.worker, p.live, p.pid, p.shards) for p in pollers] == [
         (0, True, 100, [0, 2]), (1, False, None, [])]
     assert pollers[0].heartbeat_age_seconds == 0.5 and pollers[0].batch_size == 500
@@ -123,12 +126,43 @@ def test_refresh_computes_rates_from_counter_deltas_and_keeps_history() -> None:
     assert snap.problems() == [] and snap.ready()
     data = snap.as_dict()
     assert data["healthy"] and data["pollers_live"] == 2
-    assert data["shards"] == [{"shard": 0, "backlog": 3, "owner": f"{HOST}/poller-0"},
-                              {"shard": 1, "backlog": 4, "owner": "other/poller-0"}]
+    assert data["shards"] == [{"shard": 0, "backlog": 3, "owner": f"{HOST}/poller-0/a1"},
+                              {"shard": 1, "backlog": 4, "owner": "other/poller-0/b2"}]
+    assert data["duplicates"] == [] and data["host_pollers_live"] == 1
     # Hosts come from the members table: only live ones, with the shards their pollers hold.
     assert data["hosts"] == [{"host": HOST, "pollers": 1, "shards": 1},
                              {"host": "other", "pollers": 1, "shards": 1}]
     assert data["dead_letters"][0]["last_error"] == "name is NULL"
+
+
+def test_two_live_processes_in_one_slot_of_one_host_id_are_a_problem_named_by_host_and_slot() -> None:
+    clock, store = Clock(), FakeStore()
+    store.members = [Member(f"{HOST}/poller-0/a1", HOST, 100, 0.2, True),
+                     Member(f"{HOST}/poller-0/d4", HOST, 100, 0.4, True),  # same pid, another container
+                     Member(f"{HOST}/poller-1/e5", HOST, 101, 0.3, True),
+                     Member(f"{HOST}/poller-1/f6", HOST, 201, 0.3, True),
+                     # A killed process without a successor: a ghost until its lease ends, not a twin.
+                     Member("other/poller-0/b2", "other", 7, 0.5, True),
+                     Member("other/poller-0/g7", "other", 9, 7.5, True)]
+    samples = poller_samples(clock.now, {"0": 1, "1": 1})
+    monitor = StatusMonitor(settings(), store, FakeDepth(), lambda: samples, clock=clock)
+    snap = monitor.refresh()
+    assert snap.problems() == [
+        f"host {HOST}: 2 processes claim poller-0 (pids 100, 100), 2 claim poller-1 (pids 101, 201):"
+        " more than one pool start or container runs under this host id; give each its own"
+        " --host-id (PULSE_HOST_ID)"]
+    # Every process relays a share of its own: ready, but not healthy.
+    assert snap.ready()
+    data = snap.as_dict()
+    assert not data["healthy"] and data["pollers_live"] == 2 and data["host_pollers_live"] == 4
+    assert data["hosts"][0] == {"host": HOST, "pollers": 4, "shards": 1}
+    assert [(d["host"], d["slot"], d["processes"]) for d in data["duplicates"]] == [
+        (HOST, "poller-0", 2), (HOST, "poller-1", 2)]
+    report = StatusReport(counts=Counts(0, 0, 0), coordinator="http://x", status=json.loads(json.dumps(data)),
+                          error=None)
+    lines = report.lines()
+    assert lines[0].startswith(f"pool: UNHEALTHY: host {HOST}: 2 processes claim poller-0")
+    assert f"pollers on this host ({HOST}): 2 of 2 live; 4 live under host id {HOST} in all" in lines
 
 
 def test_a_database_or_broker_outage_makes_it_unready_without_stopping_the_monitor() -> None:
