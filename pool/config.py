@@ -211,7 +211,7 @@ def _parse_pattern(env_name: str, raw: Any, pattern: re.Pattern, described: str)
 
 def _parse_bind_host(env_name: str, raw: Any) -> str:
     value = str(raw).strip()
-    bare = value.removeprefix("[").removesuffix("]")  # [::1] as in a URL
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value  # [::1] as in a URL
     if not is_host(bare):
         raise ConfigError(f"{env_name} must be an IP address (127.0.0.1, ::1, 0.0.0.0, ::) or a host name, "
                           f"got {value[:60]!r}")
