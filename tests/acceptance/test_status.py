@@ -255,7 +255,6 @@ def test_a_row_id_above_2_53_is_shown_exactly_on_the_page_and_in_status_json(run
 
     ids = wait_until(lambda: (ids := dead_ids()) and len(ids) == POISON + 1 and ids, timeout=30,
                      message="the big id among the dead letters")
-    assert str(BEYOND_DOUBLES) in ids and all(isinstance(i, str) for i in ids)
     # What an operator copies from the page must name the row for `pool dead requeue --id`.
     dom = browse(f"http://127.0.0.1:{port}/", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -263,5 +262,6 @@ def test_a_row_id_above_2_53_is_shown_exactly_on_the_page_and_in_status_json(run
     page.feed(dom.stdout)
     assert str(BEYOND_DOUBLES) in [r["row"] for r in page.rows["dead-letters"]]
     assert f"<td>{BEYOND_DOUBLES}</td>" in dom.stdout
+    assert str(BEYOND_DOUBLES) in ids and all(isinstance(i, str) for i in ids)
     requeued = run_pool("dead", "requeue", "--id", str(BEYOND_DOUBLES), env=env, cwd=tmp_path)
     assert requeued.returncode == 0 and "requeued 1 dead row(s)" in requeued.stdout, requeued.stderr
