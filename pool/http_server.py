@@ -160,6 +160,10 @@ class BoundedWSGIServer(ThreadingMixIn, WSGIServer):
                 with contextlib.suppress(OSError):
                     connection.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked reading it
 
+    def start(self) -> None:
+        """Answer requests from a background thread (the socket already listens)."""
+        threading.Thread(target=self.serve_forever, name="coordinator-http", daemon=True).start()
+
     def server_close(self) -> None:
         self._stopped.set()
         super().server_close()
@@ -169,5 +173,5 @@ def serve(host: str, port: int, app: Callable, timeout: float,
           max_connections: int = MAX_CONNECTIONS) -> BoundedWSGIServer:
     """Serve `app` from a background thread; port 0 picks a free port (see server_port)."""
     server = BoundedWSGIServer(host, port, app, timeout, max_connections)
-    threading.Thread(target=server.serve_forever, name="coordinator-http", daemon=True).start()
+    server.start()
     return server

@@ -171,7 +171,7 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
                   secret_urls=(settings.db_url, settings.broker_url))
     from pool.coordinator import CoordinatorApp, ask_parent_to_reload, guard_for, poller_collector
     from pool.http_address import listen_url, url_host
-    from pool.http_server import serve
+    from pool.http_server import BoundedWSGIServer
     from pool.queue_depth import QueueDepth
     from pool.status import StatusMonitor
     from pool.store import open_store
@@ -183,7 +183,7 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     pruning = _periodic_prune(settings, store)
     app = CoordinatorApp(monitor, collector, ask_parent_to_reload if reporter.supervised else None)
     try:
-        server = serve(settings.metrics_host, settings.metrics_port, app, settings.http_timeout)
+        server = BoundedWSGIServer(settings.metrics_host, settings.metrics_port, app, settings.http_timeout)
     except OSError as exc:
         reporter.fatal(
             "coordinator",
@@ -191,7 +191,10 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
             f"{exc.strerror}; set PULSE_METRICS_HOST / PULSE_METRICS_PORT or --metrics-host / --metrics-port",
         )
         return
+    # The rules depend on the address bound (a name may resolve to loopback or not), and hold
+    # from the first request on.
     app.guard = guard_for(settings, server.server_address[0])
+    server.start()
     if app.guard.changes_refused:
         log.warning("listening beyond loopback (%s) without PULSE_HTTP_TOKEN: POST /-/reload is refused; "
                     "set PULSE_HTTP_TOKEN to allow it", settings.metrics_host)

@@ -57,11 +57,21 @@ def client_headers(settings: Settings) -> dict[str, str]:
     return headers
 
 
+def _refusal(exc: urllib.error.HTTPError) -> str:
+    """What a coordinator that answered with an error said (its JSON `error`), or the HTTP code."""
+    try:
+        return str(json.loads(exc.read())["error"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"HTTP {exc.code}"
+
+
 def fetch_status(base: str) -> tuple[dict[str, Any] | None, str | None]:
     """The coordinator's /status.json, or None and why it could not be read."""
     try:
         with urllib.request.urlopen(f"{base}/status.json", timeout=TIMEOUT_SECONDS) as response:
             return json.loads(response.read()), None
+    except urllib.error.HTTPError as exc:  # it answers, but not with the status (e.g. a refused Host)
+        return None, f"the coordinator at {base} refused: {_refusal(exc)}"
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return None, f"no coordinator answers at {base} ({reason}); is `pool start` running?"
@@ -76,12 +86,8 @@ def request_reload(base: str, headers: dict[str, str] | None = None) -> str | No
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS):
             return None
     except urllib.error.HTTPError as exc:
-        # A coordinator that answers but cannot reload (standalone) says why in its JSON body.
-        try:
-            reason = json.loads(exc.read())["error"]
-        except (ValueError, KeyError, TypeError, OSError):
-            reason = f"HTTP {exc.code}"
-        return f"the coordinator at {base} cannot reload: {reason}"
+        # A coordinator that answers but cannot reload (standalone, refused) says why in its JSON body.
+        return f"the coordinator at {base} cannot reload: {_refusal(exc)}"
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return f"no coordinator answers at {base} ({reason}); is `pool start` running?"

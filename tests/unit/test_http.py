@@ -132,3 +132,36 @@ def test_connections_over_the_cap_are_answered_503_at_once_and_slots_come_back()
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_pool_status_says_the_coordinator_refused_rather_than_that_none_answers() -> None:
+    from pool.coordinator import CoordinatorApp
+    from pool.status import StatusMonitor
+    from pool.status_client import fetch_status
+    from tests.unit.test_status import FakeDepth, FakeStore, settings
+
+    class NoPollerFiles:
+        def collect(self) -> list:
+            return []
+
+    app = CoordinatorApp(StatusMonitor(settings(), FakeStore(), FakeDepth(), list), NoPollerFiles(), None,
+                         RequestGuard(names=[]))
+    server = serve("127.0.0.1", 0, app, timeout=5)
+    try:
+        # Asked by a name it does not know (as with --url http://relay-1.internal:9200 unlisted).
+        class AskedByName(urllib.request.HTTPHandler):
+            def http_request(self, request):
+                request.add_unredirected_header("Host", "relay-1.internal")
+                return super().http_request(request)
+
+        urllib.request.install_opener(urllib.request.build_opener(AskedByName()))
+        try:
+            status, error = fetch_status(f"http://127.0.0.1:{server.server_port}")
+        finally:
+            urllib.request.install_opener(None)  # urlopen builds its default one again
+        assert status is None
+        assert error == (f"the coordinator at http://127.0.0.1:{server.server_port} refused: host "
+                         "'relay-1.internal' is not allowed: add it to PULSE_HTTP_ALLOWED_HOSTS")
+    finally:
+        server.shutdown()
+        server.server_close()
