@@ -31,9 +31,11 @@ BUSY_RESPONSE = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application
 
 
 def address_family(host: str, port: int) -> int:
-    """The family `host` binds in: the first that getaddrinfo gives (IPv6 for ::1 and ::)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    return infos[0][0]
+    """The family `host` binds in: IPv6 for ::1 and ::; for a name, IPv4 when it has an IPv4
+    address (as before IPv6 was supported, and what clients that spell out 127.0.0.1 expect)."""
+    families = [info[0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)]
+    return socket.AF_INET if socket.AF_INET in families else families[0]
 
 
 class QuietServerHandler(ServerHandler):
