@@ -22,8 +22,10 @@ EXPOSE 9200
 STOPSIGNAL SIGTERM
 # /readyz answers 200 only while the database and the broker answer and a poller is live, so the
 # container turns unhealthy when pool cannot relay, not merely when its port is open. It asks the
-# loopback address, which the 0.0.0.0 above includes. A container running `pool init-db` or
+# loopback address of PULSE_METRICS_HOST's family (127.0.0.1 for the 0.0.0.0 above, [::1] for ::),
+# as `pool status` does; an IP address, so no Host name to allow.
+# Bound to 0.0.0.0, `pool reload` works only with PULSE_HTTP_TOKEN set; SIGHUP works regardless. A container running `pool init-db` or
 # `pool worker` serves no /readyz: turn the check off there (compose: healthcheck: disable: true).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PULSE_METRICS_PORT', '9200'), timeout=4)"
+    CMD python -c "import urllib.request; from pool.config import load_settings; from pool.http_address import client_url; s = load_settings(); urllib.request.urlopen(client_url(s.metrics_host, s.metrics_port) + '/readyz', timeout=4)"
 CMD ["pool", "start"]

@@ -207,9 +207,9 @@ def status(settings: Any, as_json: bool, url: str | None) -> None:
     0 healthy, 1 unhealthy or not running, 2 configuration error or database unreachable."""
     from pool.status_client import StatusReport, coordinator_url, fetch_status
 
+    base = coordinator_url(settings, url)
     with _store(settings) as store:
         counts = store.counts()
-    base = coordinator_url(settings, url)
     snapshot, error = fetch_status(base) if base else (None, None)
     report = StatusReport(counts=counts, coordinator=base, status=snapshot, error=error)
     if as_json:
@@ -226,12 +226,12 @@ def status(settings: Any, as_json: bool, url: str | None) -> None:
 @with_settings([("--metrics-port", "metrics_port", str), ("--metrics-host", "metrics_host", str)])
 def reload(settings: Any, url: str | None) -> None:
     """Make a running `pool start` re-read its settings, as SIGHUP does."""
-    from pool.status_client import coordinator_url, request_reload
+    from pool.status_client import client_headers, coordinator_url, request_reload
 
     base = coordinator_url(settings, url)
     if base is None:
         raise ConfigError("PULSE_METRICS_PORT is 0, so the coordinator's port is unknown: pass --url")
-    error = request_reload(base)
+    error = request_reload(base, client_headers(settings))
     if error:
         raise PoolError(error)
     click.echo(f"asked the pool at {base} to reload its settings")

@@ -12,6 +12,7 @@ from typing import Any
 
 from pool.durations import parse_age
 from pool.errors import ConfigError
+from pool.http_address import is_host
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
@@ -71,6 +72,9 @@ class Settings:
     backpressure_high: int = 500_000
     backpressure_low: int = 250_000
     shutdown_timeout: float = 30.0
+    http_timeout: float = 10.0  # seconds a client has to send its request to the coordinator
+    http_allowed_hosts: tuple[str, ...] = ()  # Host names the coordinator answers beyond its own
+    http_token: str = field(default="", repr=False)  # required by POST /-/reload when set
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -105,6 +109,9 @@ ENVIRONMENT: dict[str, str] = {
     "backpressure_high": "PULSE_BACKPRESSURE_HIGH",
     "backpressure_low": "PULSE_BACKPRESSURE_LOW",
     "shutdown_timeout": "PULSE_SHUTDOWN_TIMEOUT",
+    "http_timeout": "PULSE_HTTP_TIMEOUT",
+    "http_allowed_hosts": "PULSE_HTTP_ALLOWED_HOSTS",
+    "http_token": "PULSE_HTTP_TOKEN",
     **{f"column_{c.name}": f"PULSE_DB_COLUMN_{c.name.upper()}" for c in dataclasses.fields(Columns)},
 }
 
@@ -175,6 +182,7 @@ NUMBER_RANGES: dict[str, tuple[type, float, float]] = {
     "retry_cap_seconds": (float, 0.001, 86400.0),
     "shutdown_timeout": (float, 0.1, 3600.0),
     "status_interval": (float, 0.1, 3600.0),
+    "http_timeout": (float, 0.1, 3600.0),
     "shard_lease_seconds": (float, 1.0, 3600.0),
     "max_attempts": (int, 1, 1000),
     "max_payload_bytes": (int, 256, 512 * 1024 * 1024),
@@ -201,6 +209,31 @@ def _parse_pattern(env_name: str, raw: Any, pattern: re.Pattern, described: str)
     return value
 
 
+def _parse_bind_host(env_name: str, raw: Any) -> str:
+    value = str(raw).strip()
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value  # [::1] as in a URL
+    if not is_host(bare):
+        raise ConfigError(f"{env_name} must be an IP address (127.0.0.1, ::1, 0.0.0.0, ::) or a host name, "
+                          f"got {value[:60]!r}")
+    return bare
+
+
+def _parse_host_list(env_name: str, raw: Any) -> tuple[str, ...]:
+    hosts = tuple(h.strip().lower() for h in str(raw).split(",") if h.strip())
+    bad = [h for h in hosts if h != "*" and not is_host(h)]
+    if bad:
+        raise ConfigError(f"{env_name} must list host names separated by commas (or *), got {bad[0][:60]!r}")
+    return hosts
+
+
+def _parse_token(env_name: str, raw: Any) -> str:
+    value = str(raw).strip()
+    # Never echo the value: it is a secret, and a wrong one is still close to the right one.
+    if not 16 <= len(value) <= 256 or not all("!" <= c <= "~" for c in value):
+        raise ConfigError(f"{env_name} must be 16 to 256 visible ASCII characters without spaces")
+    return value
+
+
 def _parse(key: str, raw: Any) -> Any:
     env_name = ENVIRONMENT[key]
     if key in NUMBER_RANGES:
@@ -218,6 +251,12 @@ def _parse(key: str, raw: Any) -> Any:
         return _parse_pattern(env_name, raw, QUEUE_NAME, "1-200 characters of A-Z a-z 0-9 _ . : -")
     if key == "host_id":
         return _parse_pattern(env_name, raw, HOST_ID, "1-100 characters of A-Z a-z 0-9 _ . -")
+    if key == "metrics_host":
+        return _parse_bind_host(env_name, raw)
+    if key == "http_allowed_hosts":
+        return _parse_host_list(env_name, raw)
+    if key == "http_token":
+        return _parse_token(env_name, raw)
     if key == "task_name":
         value = str(raw).strip()
         if not value or any(ch.isspace() for ch in value):

@@ -8,26 +8,33 @@ Routes:
   GET  /             the live status page (static files served from this package)
   POST /-/reload     asks `pool start` to reload its settings (as SIGHUP does); 501 when the
                      coordinator runs on its own (`pool coordinator`), with no `pool start` to ask
+
+Every route refuses an unknown Host, and the reload a request without proof that pool's own client
+sent it (pool/http_guard.py); pool/http_server.py bounds the connections.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
-import threading
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
+from pool.config import Settings
+from pool.http_address import ip_literal, is_loopback
+from pool.http_guard import Refusal, RequestGuard
 from pool.poller_slot import is_slot_file
 from pool.status import Snapshot, StatusMonitor
+
+log = logging.getLogger(__name__)
 
 STATIC_FILES = {
     "/": ("status.html", "text/html; charset=utf-8"),
@@ -35,6 +42,7 @@ STATIC_FILES = {
     "/static/status.css": ("status.css", "text/css; charset=utf-8"),
 }
 
+MAX_BODY_BYTES = 64 * 1024
 STANDALONE_RELOAD = (
     "this coordinator runs on its own (pool coordinator), not under pool start: restart the pollers "
     "to apply new settings (supervisorctl restart pool:*)"
@@ -76,20 +84,11 @@ def poller_collector() -> multiprocess.MultiProcessCollector:
     return multiprocess.MultiProcessCollector(None)
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        """Requests are not worth a log line each."""
-
-
 class CoordinatorApp:
     """The WSGI application behind the coordinator's port."""
 
     def __init__(self, monitor: StatusMonitor, collector: multiprocess.MultiProcessCollector,
-                 reload: Callable[[], None] | None) -> None:
+                 reload: Callable[[], None] | None, guard: RequestGuard | None = None) -> None:
         # Only these collectors: the default registry would export this process's own
         # (meaningless) process and platform metrics beside the pollers'.
         registry = CollectorRegistry()
@@ -98,14 +97,29 @@ class CoordinatorApp:
         self.metrics = make_wsgi_app(registry)
         self.monitor = monitor
         self.reload = reload
+        self.guard = guard or RequestGuard()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        try:
+            body = self._route(environ, start_response)
+        except Exception:  # noqa: BLE001 - one broken request must not cost the server
+            log.exception("%s %s failed", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            return self._send(start_response, "500 Internal Server Error", {"error": "internal error"},
+                              exc_info=sys.exc_info())
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else body
+
+    def _route(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", "/"), environ.get("REQUEST_METHOD", "GET")
-        if path == "/metrics":
-            return self.metrics(environ, start_response)
+        refused = self.guard.refuse_host(environ) or self._refuse_body(environ)
+        if refused:
+            return self._send(start_response, refused.status, {"error": refused.reason})
         if path == "/-/reload":
             if method != "POST":
-                return self._send(start_response, "405 Method Not Allowed", {"error": "use POST"})
+                return self._send(start_response, "405 Method Not Allowed", {"error": "use POST"},
+                                  allow="POST")
+            refused = self.guard.refuse_change(environ)
+            if refused:
+                return self._send(start_response, refused.status, {"error": refused.reason})
             if self.reload is None:
                 # Standalone, the parent is supervisord or the like: a SIGHUP there would reload
                 # *its* configuration, not pool's settings.
@@ -113,7 +127,10 @@ class CoordinatorApp:
             self.reload()
             return self._send(start_response, "202 Accepted", {"reloading": True})
         if method not in ("GET", "HEAD"):
-            return self._send(start_response, "405 Method Not Allowed", {"error": "use GET"})
+            return self._send(start_response, "405 Method Not Allowed", {"error": "use GET"},
+                              allow="GET, HEAD")
+        if path == "/metrics":
+            return self.metrics(environ, start_response)
         if path == "/healthz":
             return self._send(start_response, "200 OK", {"status": "ok"})
         snap = self.monitor.current()
@@ -128,20 +145,38 @@ class CoordinatorApp:
             data = resources.files("pool.static").joinpath(name).read_bytes()
             start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-cache")])
             return [data]
-        return self._send(start_response, "404 Not Found", {"error": f"no such path: {path}"})
+        return self._send(start_response, "404 Not Found", {"error": f"no such path: {path[:200]}"})
 
     @staticmethod
-    def _send(start_response: Callable, status: str, body: dict[str, Any]) -> list[bytes]:
+    def _refuse_body(environ: dict[str, Any]) -> Refusal | None:
+        """No route reads a body: a large one is refused rather than left for the socket to choke on."""
+        length = environ.get("CONTENT_LENGTH") or "0"
+        if not length.strip().isdigit():
+            return Refusal("400 Bad Request", "Content-Length is not a number")
+        if int(length) > MAX_BODY_BYTES:
+            return Refusal("413 Content Too Large", f"no request body over {MAX_BODY_BYTES} bytes")
+        return None
+
+    @staticmethod
+    def _send(start_response: Callable, status: str, body: dict[str, Any], allow: str | None = None,
+              exc_info: Any = None) -> list[bytes]:
         data = json.dumps(body, default=str).encode()
-        start_response(status, [("Content-Type", "application/json"), ("Cache-Control", "no-cache")])
+        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-cache")]
+        if allow:
+            headers.append(("Allow", allow))
+        if exc_info:  # headers may have been started before the failure
+            start_response(status, headers, exc_info)
+        else:
+            start_response(status, headers)
         return [data]
 
 
-def serve(host: str, port: int, app: CoordinatorApp) -> WSGIServer:
-    """Serve `app` from a background thread; port 0 picks a free port (see server_port)."""
-    server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
-    threading.Thread(target=server.serve_forever, name="coordinator-http", daemon=True).start()
-    return server
+def guard_for(settings: Settings, bound_address: str) -> RequestGuard:
+    """The request rules for a coordinator with these settings bound to `bound_address`."""
+    # A name the operator bound the coordinator to is one they mean to be asked by.
+    named = [settings.metrics_host] if ip_literal(settings.metrics_host) is None else []
+    return RequestGuard(allowed_hosts=[*settings.http_allowed_hosts, *named], token=settings.http_token,
+                        beyond_loopback=not is_loopback(bound_address))
 
 
 def ask_parent_to_reload() -> None:

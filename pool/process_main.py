@@ -17,7 +17,7 @@ from pool.config import Settings
 from pool.errors import ConfigError
 from pool.logs import setup_logging
 from pool.poller import StopSignal
-from pool.poller_slot import SlotClaim, SlotTaken, claim_slot
+from pool.poller_slot import SlotClaim, SlotTaken, claim_slot, current_member
 from pool.signal_relay import relay_signals
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,9 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     _stop_on_signals(stop)
     setup_logging(settings.log_level, "coordinator", settings.log_format,
                   secret_urls=(settings.db_url, settings.broker_url))
-    from pool.coordinator import CoordinatorApp, ask_parent_to_reload, poller_collector, serve
-    from pool.poller_slot import current_member
+    from pool.coordinator import CoordinatorApp, ask_parent_to_reload, guard_for, poller_collector
+    from pool.http_address import listen_url, url_host
+    from pool.http_server import BoundedWSGIServer
     from pool.queue_depth import QueueDepth
     from pool.status import StatusMonitor
     from pool.store import open_store
@@ -210,24 +211,30 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     monitor = StatusMonitor(settings, store, depth, collector.collect, interval=settings.status_interval,
                             slot_member=lambda slot: current_member(folder, slot))
     pruning = _periodic_prune(settings, store)
+    app = CoordinatorApp(monitor, collector, ask_parent_to_reload if reporter.supervised else None)
     try:
-        server = serve(settings.metrics_host, settings.metrics_port,
-                       CoordinatorApp(monitor, collector,
-                                      ask_parent_to_reload if reporter.supervised else None))
+        server = BoundedWSGIServer(settings.metrics_host, settings.metrics_port, app, settings.http_timeout)
     except OSError as exc:
         reporter.fatal(
             "coordinator",
-            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror};"
-            " set PULSE_METRICS_PORT or --metrics-port",
+            f"cannot serve metrics on {url_host(settings.metrics_host)}:{settings.metrics_port}: "
+            f"{exc.strerror}; set PULSE_METRICS_HOST / PULSE_METRICS_PORT or --metrics-host / --metrics-port",
         )
         return
+    # The rules depend on the address bound (a name may resolve to loopback or not), and hold
+    # from the first request on.
+    app.guard = guard_for(settings, server.server_address[0])
+    server.start()
+    if app.guard.changes_refused:
+        log.warning("listening beyond loopback (%s) without PULSE_HTTP_TOKEN: POST /-/reload is refused; "
+                    "set PULSE_HTTP_TOKEN to allow it", settings.metrics_host)
     monitor.start()
     if pruning is not None:
         pruning.start()
     reporter.on_reload(lambda changes: setattr(monitor, "settings", monitor.settings.replace(**changes)),
                        parent_gone=stop.request)
     reporter.ready("coordinator", server.server_port,
-                   f"coordinator, metrics on http://{settings.metrics_host}:{server.server_port}/metrics")
+                   f"coordinator, metrics on {listen_url(settings.metrics_host, server.server_port)}/metrics")
     stop.wait()
     server.shutdown()
     if pruning is not None:

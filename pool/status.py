@@ -179,6 +179,9 @@ class Snapshot:
             shown["state"] = poller.state
         data["shards"] = [{"shard": s, "backlog": n, "owner": self.shard_owners.get(s)}
                           for s, n in sorted(self.shards.items())]
+        # Row ids as strings: JavaScript reads JSON numbers as doubles, exact only up to 2**53.
+        for row in data["dead_letters"]:
+            row["id"] = str(row["id"])
         data["hosts"] = self.hosts()
         data["pollers_live"] = self.pollers_live
         data["host_pollers_live"] = self.host_pollers_live()

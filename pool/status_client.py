@@ -8,25 +8,61 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from pool.config import Settings
+from pool.errors import ConfigError
+from pool.http_address import client_url, is_host
+from pool.http_guard import CLIENT_HEADER
+from pool.redact import redact_url
 from pool.store.base import Counts
 
 TIMEOUT_SECONDS = 3.0
 
 
 def coordinator_url(settings: Settings, url: str | None = None) -> str | None:
-    """Where this host's coordinator listens, or None when its port is picked at random."""
-    if url:
-        return url.rstrip("/")
+    """Where this host's coordinator listens, or None when its port is picked at random.
+
+    Raises ConfigError (one line) for a --url that is not http://host[:port][/path]."""
+    if url is not None:
+        return checked_url(url)
     if not settings.metrics_port:
         return None
-    host = settings.metrics_host
-    if host in ("", "0.0.0.0", "::"):  # bound to every address: ask it on the loopback one
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.metrics_port}"
+    return client_url(settings.metrics_host, settings.metrics_port)
+
+
+def checked_url(url: str) -> str:
+    """`url` without its trailing slash, once it is a plain http:// URL of a host."""
+    shown = redact_url(url.strip())[:100]
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"--url {shown!r} is not a URL: {exc}") from None
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise ConfigError(f"--url must look like http://127.0.0.1:9200, got {shown!r}")
+    if port == 0 or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"--url must be http://host:port, without port 0, user, query or fragment, "
+                          f"got {shown!r}")
+    if not url.isascii() or not is_host(parts.hostname):
+        raise ConfigError(f"--url has a host that is neither a name nor an IP address: {shown!r}")
+    return url.strip().rstrip("/")
+
+
+def client_headers(settings: Settings) -> dict[str, str]:
+    """What the coordinator asks of a request that changes state (see pool/http_guard.py)."""
+    headers = {CLIENT_HEADER: "pool"}
+    if settings.http_token:
+        headers["Authorization"] = f"Bearer {settings.http_token}"
+    return headers
+
+
+def _refusal(exc: urllib.error.HTTPError) -> str:
+    """What a coordinator that answered with an error said (its JSON `error`), or the HTTP code."""
+    try:
+        return str(json.loads(exc.read())["error"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"HTTP {exc.code}"
 
 
 def fetch_status(base: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -34,24 +70,24 @@ def fetch_status(base: str) -> tuple[dict[str, Any] | None, str | None]:
     try:
         with urllib.request.urlopen(f"{base}/status.json", timeout=TIMEOUT_SECONDS) as response:
             return json.loads(response.read()), None
+    except urllib.error.HTTPError as exc:  # it answers, but not with the status (e.g. a refused Host)
+        return None, f"the coordinator at {base} refused: {_refusal(exc)}"
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return None, f"no coordinator answers at {base} ({reason}); is `pool start` running?"
 
 
-def request_reload(base: str) -> str | None:
-    """Ask the coordinator to have `pool start` reload its settings; returns an error or None."""
-    request = urllib.request.Request(f"{base}/-/reload", method="POST", data=b"")
+def request_reload(base: str, headers: dict[str, str] | None = None) -> str | None:
+    """Ask the coordinator to have `pool start` reload its settings; returns an error or None.
+
+    `headers` are client_headers(settings): the proof and token the coordinator requires."""
+    request = urllib.request.Request(f"{base}/-/reload", method="POST", data=b"", headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS):
             return None
     except urllib.error.HTTPError as exc:
-        # A coordinator that answers but cannot reload (standalone) says why in its JSON body.
-        try:
-            reason = json.loads(exc.read())["error"]
-        except (ValueError, KeyError, TypeError, OSError):
-            reason = f"HTTP {exc.code}"
-        return f"the coordinator at {base} cannot reload: {reason}"
+        # A coordinator that answers but cannot reload (standalone, refused) says why in its JSON body.
+        return f"the coordinator at {base} cannot reload: {_refusal(exc)}"
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return f"no coordinator answers at {base} ({reason}); is `pool start` running?"

@@ -25,6 +25,7 @@ from typing import Any
 from pool.config import RELOADABLE, Settings
 from pool.coordinator import reset_metrics_dir
 from pool.errors import ConfigError
+from pool.http_address import listen_url
 from pool.poller_slot import SlotClaim, SlotTaken, claim_slot, slots_in_use
 from pool.process_main import coordinator_main, poller_main, worker_slot
 
@@ -266,10 +267,8 @@ class Supervisor:
                 self._stop_all(time.monotonic() + self.shutdown_timeout)
                 return code
             if not self.stopping:
-                log.info(
-                    "ready: %d pollers, metrics on http://%s:%s/metrics",
-                    settings.workers, settings.metrics_host, self.metrics_port,
-                )
+                log.info("ready: %d pollers, metrics on %s/metrics", settings.workers,
+                         listen_url(settings.metrics_host, self.metrics_port))
                 self._watch_until_stopped()
             clean = self._stop_all(self.stop_deadline)
             if self.signals_seen > 1:

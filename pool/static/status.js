@@ -106,18 +106,21 @@ function render(s) {
   fillTable("shards", s.shards, r => [cell(String(r.shard)), cell(fmtInt(r.backlog)), cell(r.owner || "free", "text")],
             r => ({shard: String(r.shard)}));
   fillTable("dead-letters", s.dead_letters, d => [
-    cell(String(d.id)), cell(String(d.attempts)), cell(fmtSeconds(d.age_seconds)),
+    // Ids come as strings (a JSON number above 2^53 would be rounded): shown as they come.
+    cell(d.id), cell(String(d.attempts)), cell(fmtSeconds(d.age_seconds)),
     cell(d.last_error || "", "text"),
-  ], d => ({row: String(d.id)}));
+  ], d => ({row: d.id}));
 }
 
 async function refresh() {
   try {
     const response = await fetch("/status.json", {cache: "no-store"});
-    render(await response.json());
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error || "HTTP " + response.status);
+    render(body);
   } catch (err) {
     const badge = document.getElementById("health");
-    badge.textContent = "coordinator unreachable";
+    badge.textContent = "coordinator unreachable: " + err.message;
     badge.className = "badge bad";
   }
 }

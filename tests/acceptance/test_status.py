@@ -93,7 +93,7 @@ def test_pool_status_shows_pollers_backlog_dead_rows_and_exits_by_health(running
     assert snap["hosts"] == [{"host": "status-host", "pollers": WORKERS, "shards": 64}]
     assert all(p["batch_size"] == 50 and p["poll_interval"] == 0.5 for p in snap["pollers"])
     assert snap["queue_depth"] == GOOD  # nobody consumes the queue in this test
-    assert [d["id"] for d in snap["dead_letters"]] == truth["dead_ids"]
+    assert [d["id"] for d in snap["dead_letters"]] == [str(i) for i in truth["dead_ids"]]  # ids as text
     assert all("name is NULL" in d["last_error"] for d in snap["dead_letters"])
 
     text = run_pool("status", env=env, cwd=tmp_path)
@@ -238,3 +238,30 @@ def test_the_coordinator_prunes_old_processed_rows_when_told_to(pg_url, redis_ur
         assert pool.wait(timeout=60) == 0
     finally:
         pool.kill()
+
+
+BEYOND_DOUBLES = 2**53 + 1  # 9007199254740993: a JavaScript number reads it as ...992
+
+
+def test_a_row_id_above_2_53_is_shown_exactly_on_the_page_and_in_status_json(running, pg_url, tmp_path):
+    _pool, env, _config, port = running
+    with psycopg.connect(pg_url) as conn:  # a dead letter with an id no double can hold
+        conn.execute("INSERT INTO signals (id, name, value, source) VALUES (%s, NULL, 1, 'big-id')",
+                     (BEYOND_DOUBLES,))
+
+    def dead_ids() -> list:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=10) as response:
+            return [d["id"] for d in json.loads(response.read())["dead_letters"]]
+
+    ids = wait_until(lambda: (ids := dead_ids()) and len(ids) == POISON + 1 and ids, timeout=30,
+                     message="the big id among the dead letters")
+    # What an operator copies from the page must name the row for `pool dead requeue --id`.
+    dom = browse(f"http://127.0.0.1:{port}/", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = _Text()
+    page.feed(dom.stdout)
+    assert str(BEYOND_DOUBLES) in [r["row"] for r in page.rows["dead-letters"]]
+    assert f"<td>{BEYOND_DOUBLES}</td>" in dom.stdout
+    assert str(BEYOND_DOUBLES) in ids and all(isinstance(i, str) for i in ids)
+    requeued = run_pool("dead", "requeue", "--id", str(BEYOND_DOUBLES), env=env, cwd=tmp_path)
+    assert requeued.returncode == 0 and "requeued 1 dead row(s)" in requeued.stdout, requeued.stderr

@@ -8,6 +8,7 @@ import http.server
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -151,7 +152,7 @@ def test_healthcheck_asks_readyz_within_its_timeout(instructions: list[Instructi
 class ReadyServer:
     """Answers GET /readyz with the status it is set to; records the paths asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.status = 200
         self.paths: list[str] = []
         server = self
@@ -170,7 +171,9 @@ class ReadyServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})
+        self.httpd = server_class((host, 0), Handler)
         self.port = self.httpd.server_port
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
@@ -186,10 +189,11 @@ def ready_server() -> Iterator[ReadyServer]:
     server.close()
 
 
-def run_healthcheck(command: str, port: int) -> subprocess.CompletedProcess:
+def run_healthcheck(command: str, port: int, **pulse: str) -> subprocess.CompletedProcess:
     """The HEALTHCHECK's command as Docker runs it (/bin/sh -c), with this Python as `python`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PULSE_")}
     env["PULSE_METRICS_PORT"] = str(port)
+    env.update(pulse)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return subprocess.run(["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=30)
 
@@ -202,6 +206,22 @@ def test_healthcheck_command_passes_on_200_and_fails_on_503(instructions, ready_
     assert failed.returncode != 0
     assert "503" in failed.stderr
     assert ready_server.paths == ["/readyz", "/readyz"]
+
+
+@pytest.mark.parametrize(("bound", "server_host"), [("::", "::1"), ("::1", "::1"), ("0.0.0.0", "127.0.0.1")])
+def test_healthcheck_asks_the_loopback_address_of_the_bound_family(instructions, bound: str,
+                                                                  server_host: str) -> None:
+    try:
+        server = ReadyServer(server_host)
+    except OSError:
+        pytest.skip(f"this machine cannot bind {server_host}")
+    try:
+        _options, command = healthcheck(instructions)
+        result = run_healthcheck(command, server.port, PULSE_METRICS_HOST=bound)
+        assert result.returncode == 0, result.stderr
+        assert server.paths == ["/readyz"]
+    finally:
+        server.close()
 
 
 def test_healthcheck_command_fails_when_nothing_listens(instructions, ready_server: ReadyServer) -> None:

@@ -24,7 +24,7 @@ from pool.status import StatusMonitor
 from pool.status_client import request_reload
 from tests.acceptance.test_metrics import get
 from tests.helpers import PoolProcess, clean_env, run_pool, wait_until
-from tests.unit.test_status import FakeDepth, FakeStore, call, settings
+from tests.unit.test_status import POOL_CLIENT, FakeDepth, FakeStore, call, settings
 
 
 def assert_one_error_line(result, *needles: str) -> str:
@@ -202,7 +202,7 @@ class NoPollerFiles:
 
 def test_a_standalone_coordinator_answers_reload_with_501() -> None:
     app = CoordinatorApp(StatusMonitor(settings(), FakeStore(), FakeDepth(), list), NoPollerFiles(), None)
-    status, body = call(app, "/-/reload", "POST")
+    status, body = call(app, "/-/reload", "POST", POOL_CLIENT)
     assert status == "501 Not Implemented"
     assert "pool start" in body["error"] and "supervisorctl restart pool:*" in body["error"]
     assert call(app, "/-/reload")[0].startswith("405")

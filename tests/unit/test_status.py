@@ -178,14 +178,21 @@ def test_a_database_or_broker_outage_makes_it_unready_without_stopping_the_monit
     assert snap.database_ok and not snap.broker_ok and not snap.ready()
 
 
-def call(app: CoordinatorApp, path: str, method: str = "GET") -> tuple[str, dict]:
+POOL_CLIENT = {"X-Requested-By": "pool"}  # what `pool reload` sends
+
+
+def call(app: CoordinatorApp, path: str, method: str = "GET",
+         headers: dict[str, str] | None = None) -> tuple[str, dict]:
     seen: dict[str, Any] = {}
 
-    def start_response(status: str, headers: list) -> None:
+    def start_response(status: str, headers: list, exc_info: Any = None) -> None:
         seen["status"], seen["headers"] = status, dict(headers)
 
     environ = {"PATH_INFO": path, "REQUEST_METHOD": method, "wsgi.input": io.BytesIO(b""), "QUERY_STRING": "",
-               "SERVER_NAME": "x", "SERVER_PORT": "1", "wsgi.url_scheme": "http"}
+               "SERVER_NAME": "x", "SERVER_PORT": "1", "wsgi.url_scheme": "http", "HTTP_HOST": "127.0.0.1:1"}
+    for name, value in (headers or {}).items():
+        key = name.upper().replace("-", "_")
+        environ[key if key in ("CONTENT_LENGTH", "CONTENT_TYPE") else f"HTTP_{key}"] = value
     body = b"".join(app(environ, start_response))
     content_type = seen["headers"].get("Content-Type", "")
     return seen["status"], json.loads(body) if "json" in content_type else {"text": body.decode()}
@@ -214,7 +221,7 @@ def test_routes_health_readiness_status_page_and_reload() -> None:
     assert "fetch(\"/status.json\"" in call(app, "/static/status.js")[1]["text"]
     assert call(app, "/metrics")[1]["text"].count("pool_backlog_rows 7.0") == 1
     assert call(app, "/-/reload")[0].startswith("405") and reloads == []
-    assert call(app, "/-/reload", "POST")[0] == "202 Accepted" and reloads == [1]
+    assert call(app, "/-/reload", "POST", POOL_CLIENT)[0] == "202 Accepted" and reloads == [1]
     assert call(app, "/nope")[0].startswith("404")
 
 
