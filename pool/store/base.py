@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from pool.config import RELAY_COLUMNS, Settings
 from pool.errors import ConfigError
 from pool.redact import redact_url
+from pool.store import names
 from pool.store.shards import ShardLeaseTables
 
 T = TypeVar("T")
@@ -109,11 +110,6 @@ class WakeListener(Protocol):
     def close(self) -> None: ...
 
 
-def index_name(table: str, suffix: str) -> str:
-    # PostgreSQL truncates names to 63 bytes; truncating here keeps existence checks exact.
-    return f"{table[: 63 - len(suffix) - 1]}_{suffix}"
-
-
 def shard_list(shard: int | Sequence[int]) -> list[int]:
     """A claim asks for one shard (an int) or several."""
     return [shard] if isinstance(shard, int) else list(shard)
@@ -129,6 +125,7 @@ class SqlStore(ShardLeaseTables):
     """SQL shared by PostgreSQL and SQLite; subclasses supply what differs."""
 
     dialect_name = ""
+    fold_case = False  # whether the database compares names without regard to case
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
@@ -149,6 +146,10 @@ class SqlStore(ShardLeaseTables):
         self.payload_columns = ", ".join(
             quote(c) for c in (cols.id, cols.name, cols.value, cols.source, cols.timestamp)
         )
+
+    def derived_name(self, suffix: str) -> str:
+        """The unquoted name of this table's index, shard table or trigger `suffix`."""
+        return names.derived_name(self.settings.table, suffix, self.fold_case)
 
     # --- dialect hooks -------------------------------------------------------------
     def _statement_engine(self) -> Engine:
@@ -264,7 +265,7 @@ class SqlStore(ShardLeaseTables):
         `notify`, also the insert trigger that wakes idle pollers (PostgreSQL only).
 
         Existing rows are left as they are; a second run finds nothing to do."""
-        settings = self.settings
+        names.check_table_name(self.settings.table)
         with self.engine.begin() as conn:
             self._lock_schema(conn)
             existing = self._existing_columns(conn)
@@ -280,8 +281,8 @@ class SqlStore(ShardLeaseTables):
             # stays index-driven however many processed or dead rows pile up; the status
             # counts of pending and dead rows read only these small indexes.
             wanted = {
-                index_name(settings.table, "pool_pending"): self.pending,
-                index_name(settings.table, "pool_dead"): self.dead,
+                self.derived_name("pool_pending"): self.pending,
+                self.derived_name("pool_dead"): self.dead,
             }
             indexes: tuple[str, ...] = ()
             for name, predicate in wanted.items():
@@ -484,6 +485,7 @@ class SqlStore(ShardLeaseTables):
 
     def check_schema(self) -> None:
         """Fail with a ConfigError naming what is missing, before any poller starts."""
+        names.check_table_name(self.settings.table)
         try:
             with self.engine.connect() as conn:
                 existing = self._existing_columns(conn)

@@ -9,7 +9,7 @@ from sqlalchemy import TextClause, event, text
 from sqlalchemy.engine import Connection, Engine
 
 from pool.config import Settings
-from pool.store.base import SqlStore, index_name, shard_list
+from pool.store.base import SqlStore, shard_list
 from pool.store.pg_notify import CHANNEL_OID_SQL, PgNotifyListener, notify_channel
 
 RELAY_COLUMN_TYPES = {
@@ -73,8 +73,8 @@ class PostgresStore(SqlStore):
 
     def _ensure_extras(self, conn: Connection, notify: bool) -> tuple[str, ...]:
         created = []
-        function = self.q(index_name(self.settings.table, "pool_notify"))
-        trigger = index_name(self.settings.table, "pool_notify")
+        function = self.q(self.derived_name("pool_notify"))
+        trigger = self.derived_name("pool_notify")
         have_trigger = conn.execute(
             text("SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(:t) AND tgname = :n"),
             {"t": self.t, "n": trigger},

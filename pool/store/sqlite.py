@@ -56,11 +56,12 @@ def configure_sqlite_engine(engine: Engine) -> None:
 
 class SqliteStore(SqlStore):
     dialect_name = "sqlite"
+    fold_case = True  # SQLite's names are case-insensitive: Signals and signals are one table
     relay_column_types = RELAY_COLUMN_TYPES
 
     def _index_exists(self, conn: Connection, name: str) -> bool:
         found = conn.execute(
-            text("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = :i"), {"i": name}
+            text("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = :i COLLATE NOCASE"), {"i": name}
         ).first()
         return found is not None
 
@@ -91,7 +92,7 @@ class SqliteStore(SqlStore):
 
     def _table_exists(self, conn: Connection, name: str) -> bool:
         found = conn.execute(
-            text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :t"), {"t": name}
+            text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :t COLLATE NOCASE"), {"t": name}
         ).first()
         return found is not None
 
