@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -177,8 +178,18 @@ class SqlStore(ShardLeaseTables):
     def _age_seconds(self, column: str) -> str:
         raise NotImplementedError
 
-    def _older_than(self, column: str, param: str) -> str:
-        """A condition: `column` lies at least :param seconds before the database clock."""
+    def _check_timestamp_column(self, conn: Connection) -> None:
+        """Refuse, with a ConfigError, a timestamp column of a type the relay cannot read times
+        from (where the database has column types to speak of)."""
+
+    def _timestamp_age(self) -> str:
+        """The age in seconds of the timestamp column's value by the database clock, NULL where
+        the value names no readable time (pool/store/timestamps.py); never an error."""
+        raise NotImplementedError
+
+    def _timestamp_older_than(self, param: str) -> str:
+        """A condition: the timestamp column lies at least :param seconds before the database
+        clock; false or NULL for an unreadable value; never an error."""
         raise NotImplementedError
 
     def _times_as_utc(self, conn: Connection) -> None:
@@ -273,6 +284,8 @@ class SqlStore(ShardLeaseTables):
             if created:
                 conn.execute(text(self._create_table_sql()))
                 existing = self._existing_columns(conn) or set()
+            if self.settings.columns.timestamp in existing:
+                self._check_timestamp_column(conn)
             added = tuple(name for name in self.relay_column_types if name not in existing)
             for name in added:
                 column_type = self.relay_column_types[name]
@@ -413,8 +426,7 @@ class SqlStore(ShardLeaseTables):
         )
         # Lowest id first: rows are inserted in id order, so this is the oldest waiting row.
         oldest_sql = self._statement(
-            f"SELECT {self._age_seconds(self.q(self.settings.columns.timestamp))} FROM {self.t}"
-            f" WHERE {pending} ORDER BY {self.c_id} LIMIT 1"
+            f"SELECT {self._timestamp_age()} FROM {self.t} WHERE {pending} ORDER BY {self.c_id} LIMIT 1"
         )
         dead_sql = self._count_dead_statement()
 
@@ -422,9 +434,11 @@ class SqlStore(ShardLeaseTables):
             by_shard = {int(shard): int(count)
                         for shard, count in conn.execute(by_shard_sql, {"n": shard_count}).all()}
             oldest = conn.execute(oldest_sql).scalar()
+            # An unreadable timestamp gives no age: the lag is unknown, not an error.
+            readable = oldest is not None and math.isfinite(float(oldest))
             return BacklogStats(
                 backlog=sum(by_shard.values()),
-                oldest_age_seconds=None if oldest is None else max(0.0, float(oldest)),
+                oldest_age_seconds=max(0.0, float(oldest)) if readable else None,
                 dead=int(conn.execute(dead_sql).scalar_one()),
                 by_shard={shard: by_shard.get(shard, 0) for shard in range(shard_count)},
             )
@@ -439,7 +453,7 @@ class SqlStore(ShardLeaseTables):
         # them out even if one were: `pool dead purge` is what deletes them.
         return (
             f"{self.c_processed} = 1 AND dead_at IS NULL AND {ts} IS NOT NULL"
-            f" AND {self._older_than(ts, 'age')}"
+            f" AND {self._timestamp_older_than('age')}"
         )
 
     def prune_processed(self, older_than_seconds: float, batch_rows: int) -> int:
@@ -499,6 +513,9 @@ class SqlStore(ShardLeaseTables):
                 f"table {self.settings.table!r} not found in {redact_url(self.settings.db_url)};"
                 " run `pool init-db` first"
             )
+        # Before the missing columns: `pool init-db` cannot help with this one.
+        with self.engine.connect() as conn:
+            self._check_timestamp_column(conn)
         needed = [*vars(self.settings.columns).values(), *RELAY_COLUMNS]
         missing = [c for c in needed if c not in existing]
         if missing:
