@@ -152,7 +152,9 @@ class PostgresStore(SqlStore):
         return conn.execute(text("SELECT to_regclass(:t)"), {"t": self.q(name)}).scalar_one() is not None
 
     def _age_seconds(self, column: str) -> str:
-        return f"EXTRACT(EPOCH FROM clock_timestamp() - {column})"
+        # For the relay's own columns, which the relay writes; a hand-written 'infinity' there
+        # must not fail the status read ("cannot subtract infinite timestamps").
+        return f"CASE WHEN isfinite({column}) THEN EXTRACT(EPOCH FROM clock_timestamp() - {column}) END"
 
     def _check_timestamp_column(self, conn: Connection) -> None:
         column = self.settings.columns.timestamp

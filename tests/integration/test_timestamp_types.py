@@ -193,3 +193,17 @@ def test_postgres_refuses_a_column_no_time_can_be_read_from(pg_url, ts_type):
             assert "\n" not in str(refused.value)
     finally:
         store.close()
+
+
+def test_postgres_dead_letters_with_an_infinite_death_time_are_still_listed_and_counted(pg_url):
+    # dead_at is the relay's own column, but a hand-edited value must not fail the status read.
+    store = prepared(pg_url, "postgresql", "timestamptz")
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO signals (name, value, source, timestamp, dead_at, attempts) VALUES"
+                              " ('n', 1, 's', now(), 'infinity', 5), ('n', 1, 's', now(), '-infinity', 5)"))
+        assert len(store.list_dead()) == 2
+        assert store.backlog_stats(store.shard_count()).dead == 2
+        assert store.purge_dead(0) == 0  # no age to go by: kept for `pool dead requeue` or a closer look
+    finally:
+        store.close()
