@@ -104,6 +104,8 @@ def test_status_readyz_and_prune_work_on_text_and_epoch_columns_with_unreadable_
         assert report["unprocessed"] == 1
         assert report["status"]["lag_seconds"] is None  # the oldest pending row names no time
         assert readyz(port) == 200
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert "pool_backlog_rows 1.0" in metrics and "pool_dead_rows 0.0" in metrics
 
         pruned = run_pool("prune", "--processed-older-than", "10d", env=env, cwd=tmp_path)
         assert pruned.returncode == 0, pruned.stderr
