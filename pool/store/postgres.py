@@ -184,8 +184,6 @@ class PostgresStore(SqlStore):
         return f"EXTRACT(EPOCH FROM clock_timestamp())::float8 - ({epoch})"
 
     def _timestamp_older_than(self, param: str) -> str:
-        # statement_timestamp(), not clock_timestamp(): it is stable within the statement, so
-        # an index on the timestamp column, where a user has one, can serve the comparison.
         return postgres_older_than(self.q(self.settings.columns.timestamp), self._timestamp_kind(), param)
 
     def _times_as_utc(self, conn: Connection) -> None:

@@ -72,9 +72,9 @@ def _postgres_text_epoch(column: str) -> str:
 def postgres_older_than(column: str, kind: str, param: str) -> str:
     """A condition: `column` lies at least :param seconds before the statement's start."""
     if kind == TIME:
-        # Compared as a time, so that an index on the column, where a user has one, serves it;
-        # infinite values compare without error. Naive times are UTC through the caller's
-        # SET LOCAL TimeZone.
+        # Compared as a time against statement_timestamp(), stable within the statement, so that
+        # an index on the column, where a user has one, serves it; infinite values compare
+        # without error. Naive times are UTC through the caller's SET LOCAL TimeZone.
         return f"{column} <= statement_timestamp() - make_interval(secs => :{param})"
     if kind == NUMBER:
         # numeric on the right: a float8 cast of a huge numeric value would fail the statement.
