@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from pool.config import RELAY_COLUMNS, Settings
 from pool.errors import ConfigError
 from pool.redact import redact_url
+from pool.store import names
 from pool.store.shards import ShardLeaseTables
 
 T = TypeVar("T")
@@ -121,11 +123,6 @@ class WakeListener(Protocol):
     def close(self) -> None: ...
 
 
-def index_name(table: str, suffix: str) -> str:
-    # PostgreSQL truncates names to 63 bytes; truncating here keeps existence checks exact.
-    return f"{table[: 63 - len(suffix) - 1]}_{suffix}"
-
-
 def shard_of(row_id: int, shard_count: int) -> int:
     """The shard a row belongs to: always in 0..shard_count-1, negative ids included (Python's %
     floors; SQL's truncates, hence `SqlStore.shard_expr`)."""
@@ -147,6 +144,7 @@ class SqlStore(ShardLeaseTables):
     """SQL shared by PostgreSQL and SQLite; subclasses supply what differs."""
 
     dialect_name = ""
+    fold_case = False  # whether the database compares names without regard to case
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
@@ -175,6 +173,10 @@ class SqlStore(ShardLeaseTables):
         overflow, since |id % n| < n."""
         return f"(({self.c_id} % :{param}) + :{param}) % :{param}"
 
+    def derived_name(self, suffix: str) -> str:
+        """The unquoted name of this table's index, shard table or trigger `suffix`."""
+        return names.derived_name(self.settings.table, suffix, self.fold_case)
+
     # --- dialect hooks -------------------------------------------------------------
     def _statement_engine(self) -> Engine:
         """Where single statements run: each is its own transaction."""
@@ -201,12 +203,18 @@ class SqlStore(ShardLeaseTables):
     def _age_seconds(self, column: str) -> str:
         raise NotImplementedError
 
-    def _has_age(self, column: str) -> str:
-        """A condition: `column` is a time whose age the database can compute."""
-        return "1 = 1"
+    def _check_timestamp_column(self, conn: Connection) -> None:
+        """Refuse, with a ConfigError, a timestamp column of a type the relay cannot read times
+        from (where the database has column types to speak of)."""
 
-    def _older_than(self, column: str, param: str) -> str:
-        """A condition: `column` lies at least :param seconds before the database clock."""
+    def _timestamp_age(self) -> str:
+        """The age in seconds of the timestamp column's value by the database clock, NULL where
+        the value names no readable time (pool/store/timestamps.py); never an error."""
+        raise NotImplementedError
+
+    def _timestamp_older_than(self, param: str) -> str:
+        """A condition: the timestamp column lies at least :param seconds before the database
+        clock; false or NULL for an unreadable value; never an error."""
         raise NotImplementedError
 
     def _times_as_utc(self, conn: Connection) -> None:
@@ -294,7 +302,7 @@ class SqlStore(ShardLeaseTables):
         `notify`, also the insert trigger that wakes idle pollers (PostgreSQL only).
 
         Existing rows are left as they are; a second run finds nothing to do."""
-        settings = self.settings
+        names.check_table_name(self.settings.table)
         with self.engine.begin() as conn:
             self._lock_schema(conn)
             existing = self._existing_columns(conn)
@@ -302,6 +310,8 @@ class SqlStore(ShardLeaseTables):
             if created:
                 conn.execute(text(self._create_table_sql()))
                 existing = self._existing_columns(conn) or set()
+            if self.settings.columns.timestamp in existing:
+                self._check_timestamp_column(conn)
             added = tuple(name for name in self.relay_column_types if name not in existing)
             for name in added:
                 column_type = self.relay_column_types[name]
@@ -310,8 +320,8 @@ class SqlStore(ShardLeaseTables):
             # stays index-driven however many processed or dead rows pile up; the status
             # counts of pending and dead rows read only these small indexes.
             wanted = {
-                index_name(settings.table, "pool_pending"): self.pending,
-                index_name(settings.table, "pool_dead"): self.dead,
+                self.derived_name("pool_pending"): self.pending,
+                self.derived_name("pool_dead"): self.dead,
             }
             indexes: tuple[str, ...] = ()
             for name, predicate in wanted.items():
@@ -442,10 +452,8 @@ class SqlStore(ShardLeaseTables):
             f"SELECT {shard}, COUNT(*) FROM {self.t} WHERE {pending} GROUP BY {shard}"
         )
         # Lowest id first: rows are inserted in id order, so this is the oldest waiting row.
-        ts = self.q(self.settings.columns.timestamp)
         oldest_sql = self._statement(
-            f"SELECT {self._age_seconds(ts)} FROM {self.t}"
-            f" WHERE {pending} AND {self._has_age(ts)} ORDER BY {self.c_id} LIMIT 1"
+            f"SELECT {self._timestamp_age()} FROM {self.t} WHERE {pending} ORDER BY {self.c_id} LIMIT 1"
         )
         dead_sql = self._count_dead_statement()
 
@@ -453,9 +461,11 @@ class SqlStore(ShardLeaseTables):
             by_shard = {int(shard): int(count)
                         for shard, count in conn.execute(by_shard_sql, {"n": shard_count}).all()}
             oldest = conn.execute(oldest_sql).scalar()
+            # An unreadable timestamp gives no age: the lag is unknown, not an error.
+            readable = oldest is not None and math.isfinite(float(oldest))
             return BacklogStats(
                 backlog=sum(by_shard.values()),
-                oldest_age_seconds=None if oldest is None else max(0.0, float(oldest)),
+                oldest_age_seconds=max(0.0, float(oldest)) if readable else None,
                 dead=int(conn.execute(dead_sql).scalar_one()),
                 by_shard={shard: by_shard.get(shard, 0) for shard in range(shard_count)},
             )
@@ -470,7 +480,7 @@ class SqlStore(ShardLeaseTables):
         # them out even if one were: `pool dead purge` is what deletes them.
         return (
             f"{self.c_processed} = 1 AND dead_at IS NULL AND {ts} IS NOT NULL"
-            f" AND {self._older_than(ts, 'age')}"
+            f" AND {self._timestamp_older_than('age')}"
         )
 
     def prune_processed(self, older_than_seconds: float, batch_rows: int) -> int:
@@ -516,6 +526,7 @@ class SqlStore(ShardLeaseTables):
 
     def check_schema(self) -> None:
         """Fail with a ConfigError naming what is missing, before any poller starts."""
+        names.check_table_name(self.settings.table)
         try:
             with self.engine.connect() as conn:
                 existing = self._existing_columns(conn)
@@ -529,6 +540,9 @@ class SqlStore(ShardLeaseTables):
                 f"table {self.settings.table!r} not found in {redact_url(self.settings.db_url)};"
                 " run `pool init-db` first"
             )
+        # Before the missing columns: `pool init-db` cannot help with this one.
+        with self.engine.connect() as conn:
+            self._check_timestamp_column(conn)
         needed = [*vars(self.settings.columns).values(), *RELAY_COLUMNS]
         missing = [c for c in needed if c not in existing]
         if missing:

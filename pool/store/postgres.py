@@ -10,9 +10,11 @@ from sqlalchemy import TextClause, event, text
 from sqlalchemy.engine import Connection, Engine
 
 from pool.config import Settings
-from pool.store.base import SqlStore, first_line, index_name, shard_list
+from pool.errors import ConfigError
+from pool.store.base import SqlStore, first_line, shard_list
 from pool.store.pg_loaders import register_tolerant_loaders
 from pool.store.pg_notify import CHANNEL_OID_SQL, PgNotifyListener, notify_channel
+from pool.store.timestamps import POSTGRES_KINDS, SUPPORTED, postgres_epoch, postgres_older_than
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,13 @@ STORAGE_SETTINGS = {
 # keyed by id or aggregate, and a sort they cannot avoid still runs (off only makes it dear).
 SESSION_SETTINGS = "SET enable_sort = off"
 
+# The base type of a column (through a domain) and its type as a user would write it.
+TIMESTAMP_TYPE_SQL = """
+    SELECT COALESCE(b.typname, t.typname), format_type(a.atttypid, a.atttypmod)
+      FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+      LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
+     WHERE a.attrelid = to_regclass(:t) AND a.attname = :c AND a.attnum > 0 AND NOT a.attisdropped"""
+
 
 def configure_postgres_engine(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
@@ -61,6 +70,7 @@ class PostgresStore(SqlStore):
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         super().__init__(engine, settings)
+        self._kind: str | None = None  # how the timestamp column is read, once looked up
         # One round trip per statement: no BEGIN and COMMIT around it.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
@@ -77,8 +87,8 @@ class PostgresStore(SqlStore):
 
     def _ensure_extras(self, conn: Connection, notify: bool) -> tuple[str, ...]:
         created = []
-        function = self.q(index_name(self.settings.table, "pool_notify"))
-        trigger = index_name(self.settings.table, "pool_notify")
+        function = self.q(self.derived_name("pool_notify"))
+        trigger = self.derived_name("pool_notify")
         have_trigger = conn.execute(
             text("SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(:t) AND tgname = :n"),
             {"t": self.t, "n": trigger},
@@ -146,16 +156,39 @@ class PostgresStore(SqlStore):
         return conn.execute(text("SELECT to_regclass(:t)"), {"t": self.q(name)}).scalar_one() is not None
 
     def _age_seconds(self, column: str) -> str:
-        return f"EXTRACT(EPOCH FROM clock_timestamp() - {column})"
+        # For the relay's own columns, which the relay writes; a hand-written 'infinity' there
+        # must not fail the status read ("cannot subtract infinite timestamps").
+        return f"CASE WHEN isfinite({column}) THEN EXTRACT(EPOCH FROM clock_timestamp() - {column}) END"
 
-    def _has_age(self, column: str) -> str:
-        # 'infinity' has none: subtracting it fails the whole status read.
-        return f"isfinite({column})"
+    def _check_timestamp_column(self, conn: Connection) -> None:
+        column = self.settings.columns.timestamp
+        found = conn.execute(text(TIMESTAMP_TYPE_SQL), {"t": self.t, "c": column}).first()
+        if found is None:
+            return  # a missing column is reported as such
+        base_type, shown = found
+        kind = POSTGRES_KINDS.get(base_type)
+        if kind is None:
+            raise ConfigError(
+                f"column {column!r} of table {self.settings.table!r} is {shown}: pool reads times"
+                f" from {SUPPORTED}; change its type or set PULSE_DB_COLUMN_TIMESTAMP"
+            )
+        self._kind = kind
 
-    def _older_than(self, column: str, param: str) -> str:
-        # statement_timestamp(), not clock_timestamp(): it is stable within the statement, so
-        # an index on the timestamp column, where a user has one, can serve the comparison.
-        return f"{column} <= statement_timestamp() - make_interval(secs => :{param})"
+    def _timestamp_kind(self) -> str:
+        if self._kind is None:
+            with self.engine.connect() as conn:
+                self._check_timestamp_column(conn)
+        if self._kind is None:
+            column = self.settings.columns.timestamp
+            raise ConfigError(f"table {self.settings.table!r} has no column {column!r}")
+        return self._kind
+
+    def _timestamp_age(self) -> str:
+        epoch = postgres_epoch(self.q(self.settings.columns.timestamp), self._timestamp_kind())
+        return f"EXTRACT(EPOCH FROM clock_timestamp())::float8 - ({epoch})"
+
+    def _timestamp_older_than(self, param: str) -> str:
+        return postgres_older_than(self.q(self.settings.columns.timestamp), self._timestamp_kind(), param)
 
     def _times_as_utc(self, conn: Connection) -> None:
         # A naive `timestamp` column of an old seed table is compared through the session's

@@ -43,14 +43,12 @@ class ShardLeaseTables:
     engine: Any
     settings: Any
     q: Any
+    derived_name: Any
 
     # --- names and schema ------------------------------------------------------------
     def shard_table_names(self) -> tuple[str, str, str]:
         """The meta, shards and members tables beside the signals table (unquoted)."""
-        from pool.store.base import index_name
-
-        table = self.settings.table
-        return tuple(index_name(table, suffix) for suffix in ("pool_meta", "pool_shards", "pool_members"))
+        return tuple(self.derived_name(suffix) for suffix in ("pool_meta", "pool_shards", "pool_members"))
 
     def _shard_tables(self) -> tuple[str, str, str]:
         meta, shards, members = self.shard_table_names()

@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from pool.errors import ConfigError
 from pool.store.base import SqlStore
+from pool.store.timestamps import sqlite_julian_day
 
 # Times are stored as UTC text in one fixed format so that they compare as strings.
 NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
@@ -56,11 +57,12 @@ def configure_sqlite_engine(engine: Engine) -> None:
 
 class SqliteStore(SqlStore):
     dialect_name = "sqlite"
+    fold_case = True  # SQLite's names are case-insensitive: Signals and signals are one table
     relay_column_types = RELAY_COLUMN_TYPES
 
     def _index_exists(self, conn: Connection, name: str) -> bool:
         found = conn.execute(
-            text("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = :i"), {"i": name}
+            text("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = :i COLLATE NOCASE"), {"i": name}
         ).first()
         return found is not None
 
@@ -91,7 +93,7 @@ class SqliteStore(SqlStore):
 
     def _table_exists(self, conn: Connection, name: str) -> bool:
         found = conn.execute(
-            text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :t"), {"t": name}
+            text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :t COLLATE NOCASE"), {"t": name}
         ).first()
         return found is not None
 
@@ -107,11 +109,16 @@ class SqliteStore(SqlStore):
     def _age_seconds(self, column: str) -> str:
         return f"(julianday('now') - julianday({column})) * 86400.0"
 
-    def _older_than(self, column: str, param: str) -> str:
+    def _timestamp_age(self) -> str:
+        day = sqlite_julian_day(self.q(self.settings.columns.timestamp))
+        return f"(julianday('now') - {day}) * 86400.0"
+
+    def _timestamp_older_than(self, param: str) -> str:
         # julianday() reads every ISO-8601 form in use (space or T, with or without an offset,
-        # naive taken as UTC), where a text comparison would not; unreadable text gives NULL,
-        # so such a row is kept.
-        return f"julianday({column}) <= julianday('now') - :{param} / 86400.0"
+        # naive taken as UTC), where a text comparison would not; an unreadable value gives
+        # NULL, so such a row is kept.
+        day = sqlite_julian_day(self.q(self.settings.columns.timestamp))
+        return f"{day} <= julianday('now') - :{param} / 86400.0"
 
     def _existing_columns(self, conn: Connection) -> set[str] | None:
         rows = conn.execute(text(f"PRAGMA table_info({self.t})")).all()

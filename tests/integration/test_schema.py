@@ -94,3 +94,24 @@ def test_check_schema_names_what_is_missing(db_url):
             store.check_schema()
     finally:
         store.close()
+
+
+def test_table_names_differing_only_in_case_are_one_table_on_sqlite_and_two_on_postgresql(db_url):
+    lower = open_store(make_settings(db_url=db_url, table="signals"))
+    upper = open_store(make_settings(db_url=db_url, table="Signals"))
+    try:
+        lower.init_schema()
+        # SQLite: the same table, its indexes and shard tables found whatever the spelling (they
+        # were looked up case-sensitively, and a second init-db failed: "index already exists").
+        # PostgreSQL: a table of its own, with indexes and shard tables of its own.
+        changes = upper.init_schema()
+        upper.check_schema()
+        if upper.dialect_name == "sqlite":
+            assert not changes.changed
+        else:
+            assert changes.created_table
+            assert changes.created_indexes == ("Signals_pool_pending", "Signals_pool_dead")
+            assert set(upper.shard_table_names()).isdisjoint(lower.shard_table_names())
+    finally:
+        lower.close()
+        upper.close()
