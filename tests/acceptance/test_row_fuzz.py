@@ -73,10 +73,35 @@ PG_DATE: list[Odd] = [
     ("'0001-01-01'", True), ("'10000-01-01'", False), ("'5874897-12-31'", False), ("'4713-01-01 BC'", False),
     ("'2024-02-29'", True),
 ]
+# A timestamp column of text or numbers: ISO-8601 text, or seconds since the epoch.
+PG_TEXT_TIME: list[Odd] = [
+    ("NULL", None), ("''", False), ("'garbage'", False), ("'infinity'", False),
+    ("'2024-13-45 00:00:00'", False),
+    ("'2024-02-29T12:00:00.5+05:30'", True), ("'9999-12-31 23:59:59'", True), ("'10000-01-01'", False),
+    ("'2024-05-01'", True), ("'ünïcødé ☃'", False),
+]
+PG_EPOCH: list[Odd] = [
+    ("NULL", None), ("0", True), ("-1", True), ("1700000000", True), ("253402300799", True),
+    ("253402300800", False), ("-62135596800", None), ("9223372036854775807", False),
+    ("-9223372036854775808", False),
+]
+PG_EPOCH_DOUBLE: list[Odd] = [
+    ("NULL", None), ("0", True), ("1700000000.25", True), ("'NaN'", False), ("'Infinity'", False),
+    ("'-Infinity'", False), ("1.7976931348623157e308", False), ("4.9e-324", True),
+]
 PG_TYPES: dict[str, list[Odd]] = {
     "TEXT": PG_TEXT + PG_LONG_TEXT, "VARCHAR(100)": PG_TEXT, "DOUBLE PRECISION": PG_DOUBLE,
     "NUMERIC": PG_NUMERIC, "TIMESTAMPTZ": PG_TIMESTAMPTZ, "TIMESTAMP": PG_TIMESTAMP, "DATE": PG_DATE,
 }
+PG_TIME_TYPES: dict[str, list[Odd]] = {
+    "TIMESTAMPTZ": PG_TIMESTAMPTZ, "TIMESTAMP": PG_TIMESTAMP, "DATE": PG_DATE, "TEXT": PG_TEXT_TIME,
+    "BIGINT": PG_EPOCH, "DOUBLE PRECISION": PG_EPOCH_DOUBLE,
+}
+PG_TIME_GOOD = {"TIMESTAMPTZ": "now()", "TIMESTAMP": "localtimestamp", "DATE": "current_date",
+                "TEXT": "now()::text", "BIGINT": "extract(epoch from now())::bigint",
+                "DOUBLE PRECISION": "extract(epoch from now())"}
+# A timestamp the lag cannot be taken from, per timestamp column type.
+PG_NO_AGE = {"TEXT": "'garbage'", "BIGINT": "9223372036854775807", "DOUBLE PRECISION": "'NaN'"}
 PG_GOOD = {"TEXT": "'n'", "VARCHAR(100)": "'n'", "DOUBLE PRECISION": "1.5", "NUMERIC": "1.5",
            "TIMESTAMPTZ": "now()", "TIMESTAMP": "localtimestamp", "DATE": "current_date"}
 PG_IDS = {"BIGINT": [-(2**63), -(2**63) + 1, -(2**53) - 1, -1, 0, 2**53 + 1, 2**63 - 2, 2**63 - 1],
@@ -101,13 +126,14 @@ class Variant:
                 f" source {self.source}, timestamp {self.timestamp}, processed INTEGER NOT NULL DEFAULT 0)")
 
 
-# One list, so that a column type is one line more. TEXT and integer-epoch timestamp columns are
-# left out until the coordinator reads them (its lag and prune queries subtract the column from a
-# timestamptz); they relay fine today.
+# One list, so that a column type is one line more.
 PG_VARIANTS = [
     Variant("created-by-init-db", created=True),
     Variant("timestamp-without-time-zone", timestamp="TIMESTAMP"),
     Variant("date-timestamp", timestamp="DATE"),
+    Variant("text-timestamp", timestamp="TEXT"),
+    Variant("bigint-epoch-timestamp", timestamp="BIGINT"),
+    Variant("double-epoch-timestamp", timestamp="DOUBLE PRECISION"),
     Variant("numeric-value", value="NUMERIC"),
     Variant("integer-id", id="INTEGER"),
     Variant("numeric-id", id="NUMERIC(20)"),
@@ -245,7 +271,8 @@ def pending(db_url: str) -> int:
     return sum(1 for s in read_state(db_url).values() if not s["processed"] and not s["dead"])
 
 
-def relay(db_url: str, table: Table, redis_url: str, queue_name: str, tmp_path: Path) -> None:
+def relay(db_url: str, table: Table, redis_url: str, queue_name: str, tmp_path: Path,
+          no_age: str = "'infinity'") -> None:
     port = free_port()
     env = clean_env(PULSE_DB_URL=db_url, PULSE_BROKER_URL=redis_url, PULSE_QUEUE=queue_name,
                     PULSE_BATCH_SIZE=str(BATCH), PULSE_LEASE_SECONDS=str(LEASE), PULSE_METRICS_PORT=str(port),
@@ -263,7 +290,7 @@ def relay(db_url: str, table: Table, redis_url: str, queue_name: str, tmp_path: 
         wait_until(drained, timeout=DRAIN_BOUND - (time.monotonic() - started), interval=0.1,
                    message="no pending rows left")
         check_outcomes(db_url, table, redis_url, queue_name)
-        check_coordinator_with_an_infinite_oldest_row(db_url, env, tmp_path, port)
+        check_coordinator_with_an_ageless_oldest_row(db_url, env, tmp_path, port, no_age)
         assert "Traceback" not in pool.output()
     finally:
         pool.kill()  # a graceful stop is tested elsewhere; here it would only cost time
@@ -311,7 +338,7 @@ def check_outcomes(db_url: str, table: Table, redis_url: str, queue_name: str) -
         client.close()
 
 
-def check_coordinator_with_an_infinite_oldest_row(db_url: str, env, cwd, port: int) -> None:
+def check_coordinator_with_an_ageless_oldest_row(db_url: str, env, cwd, port: int, no_age: str) -> None:
     """A pending row whose timestamp has no age (not due yet, so it stays) is the oldest one:
     lag, /readyz and `pool status` must not fail on it."""
     if db_url.startswith("sqlite"):
@@ -322,7 +349,7 @@ def check_coordinator_with_an_infinite_oldest_row(db_url: str, env, cwd, port: i
     else:
         with psycopg.connect(db_url) as conn:
             conn.execute("INSERT INTO signals (id, name, value, source, timestamp, next_attempt_at)"
-                         " VALUES (-(1::bigint << 30), 'n', 1, 's', 'infinity', 'infinity')")
+                         f" VALUES (-(1::bigint << 30), 'n', 1, 's', {no_age}, 'infinity')")
     wait_until(lambda: status_json(port).get("backlog") == 1, timeout=15,
                message="the coordinator counting the not-yet-due row")
     assert healthy(port)
@@ -333,9 +360,9 @@ def check_coordinator_with_an_infinite_oldest_row(db_url: str, env, cwd, port: i
 def test_postgres_rows_of_every_kind_are_relayed_or_dead_on_their_own(variant, pg_url, redis_url,
                                                                        queue_name, tmp_path):
     columns = {"name": PG_TYPES[variant.name], "value": PG_TYPES[variant.value],
-               "source": PG_TYPES[variant.source], "timestamp": PG_TYPES[variant.timestamp]}
+               "source": PG_TYPES[variant.source], "timestamp": PG_TIME_TYPES[variant.timestamp]}
     good = {"name": PG_GOOD[variant.name], "value": PG_GOOD[variant.value], "source": PG_GOOD[variant.source],
-            "timestamp": PG_GOOD[variant.timestamp]}
+            "timestamp": PG_TIME_GOOD[variant.timestamp]}
     table = build_table(columns, good, PG_IDS[variant.id], nullable_timestamp=not variant.created)
     if not variant.created:
         with psycopg.connect(pg_url) as conn:
@@ -343,7 +370,7 @@ def test_postgres_rows_of_every_kind_are_relayed_or_dead_on_their_own(variant, p
     init_db(pg_url)
     with psycopg.connect(pg_url) as conn:
         conn.execute(insert_sql(table))
-    relay(pg_url, table, redis_url, queue_name, tmp_path)
+    relay(pg_url, table, redis_url, queue_name, tmp_path, PG_NO_AGE.get(variant.timestamp, "'infinity'"))
 
 
 def test_sqlite_rows_of_every_kind_are_relayed_or_dead_on_their_own(sqlite_url, redis_url, queue_name,
