@@ -203,9 +203,10 @@ class SqlStore(ShardLeaseTables):
     def _age_seconds(self, column: str) -> str:
         raise NotImplementedError
 
-    def _check_timestamp_column(self, conn: Connection) -> None:
-        """Refuse, with a ConfigError, a timestamp column of a type the relay cannot read times
-        from (where the database has column types to speak of)."""
+    def _check_column_types(self, conn: Connection) -> None:
+        """Refuse, with a ConfigError, an id column that holds no integers or a timestamp column
+        of a type the relay cannot read times from (where the database has column types to
+        speak of); a missing column is reported elsewhere."""
 
     def _timestamp_age(self) -> str:
         """The age in seconds of the timestamp column's value by the database clock, NULL where
@@ -310,8 +311,7 @@ class SqlStore(ShardLeaseTables):
             if created:
                 conn.execute(text(self._create_table_sql()))
                 existing = self._existing_columns(conn) or set()
-            if self.settings.columns.timestamp in existing:
-                self._check_timestamp_column(conn)
+            self._check_column_types(conn)
             added = tuple(name for name in self.relay_column_types if name not in existing)
             for name in added:
                 column_type = self.relay_column_types[name]
@@ -542,7 +542,7 @@ class SqlStore(ShardLeaseTables):
             )
         # Before the missing columns: `pool init-db` cannot help with this one.
         with self.engine.connect() as conn:
-            self._check_timestamp_column(conn)
+            self._check_column_types(conn)
         needed = [*vars(self.settings.columns).values(), *RELAY_COLUMNS]
         missing = [c for c in needed if c not in existing]
         if missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,7 +51,10 @@ STORAGE_SETTINGS = {
 SESSION_SETTINGS = "SET enable_sort = off"
 
 # The base type of a column (through a domain) and its type as a user would write it.
-TIMESTAMP_TYPE_SQL = """
+# Base types (pg_type.typname) an id column may have: each row's shard is computed from it.
+INTEGER_ID_TYPES = ("int2", "int4", "int8")
+WHOLE_NUMERIC = re.compile(r"numeric\(\d+,0\)")  # as format_type() shows numeric(20)
+COLUMN_TYPE_SQL = """
     SELECT COALESCE(b.typname, t.typname), format_type(a.atttypid, a.atttypmod)
       FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
       LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
@@ -160,9 +164,21 @@ class PostgresStore(SqlStore):
         # must not fail the status read ("cannot subtract infinite timestamps").
         return f"CASE WHEN isfinite({column}) THEN EXTRACT(EPOCH FROM clock_timestamp() - {column}) END"
 
+    def _check_column_types(self, conn: Connection) -> None:
+        column = self.settings.columns.id
+        found = conn.execute(text(COLUMN_TYPE_SQL), {"t": self.t, "c": column}).first()
+        # Shards are id % count: a text id fails every claim of the table, forever, and a
+        # fractional one lands on no shard at all.
+        if found is not None and not (found[0] in INTEGER_ID_TYPES or WHOLE_NUMERIC.fullmatch(found[1])):
+            raise ConfigError(
+                f"column {column!r} of table {self.settings.table!r} is {found[1]}: pool needs integer"
+                f" ids (smallint, integer, bigint or numeric(p,0)); change its type or set PULSE_DB_COLUMN_ID"
+            )
+        self._check_timestamp_column(conn)
+
     def _check_timestamp_column(self, conn: Connection) -> None:
         column = self.settings.columns.timestamp
-        found = conn.execute(text(TIMESTAMP_TYPE_SQL), {"t": self.t, "c": column}).first()
+        found = conn.execute(text(COLUMN_TYPE_SQL), {"t": self.t, "c": column}).first()
         if found is None:
             return  # a missing column is reported as such
         base_type, shown = found
