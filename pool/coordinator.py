@@ -15,6 +15,7 @@ sent it (pool/http_guard.py); pool/http_server.py bounds the connections.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -79,9 +80,28 @@ class StatusCollector:
         yield shards
 
 
+class PollerFilesCollector(multiprocess.MultiProcessCollector):
+    """Reads every poller's metric files, passing over one a poller is still creating.
+
+    prometheus_client creates a file empty and only then sizes it; read in between, it fails
+    the whole read with struct.error, and a coordinator that met one at start-up died before
+    it was ready. A file is empty only for that moment, so it is counted from the next read on."""
+
+    def collect(self) -> Iterable[Any]:
+        files = [path for path in glob.glob(os.path.join(self._path, "*.db")) if _has_data(path)]
+        return self.merge(files, accumulate=True)
+
+
+def _has_data(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:  # a live gauge's file removed by mark_process_dead meanwhile
+        return False
+
+
 def poller_collector() -> multiprocess.MultiProcessCollector:
     """Reads every poller's metric files; unregistered, so it can be asked directly."""
-    return multiprocess.MultiProcessCollector(None)
+    return PollerFilesCollector(None)
 
 
 class CoordinatorApp:
