@@ -1,7 +1,8 @@
 """`pool start`: spawn N pollers and one coordinator, restart the ones that die, drain on SIGTERM,
 reload settings on SIGHUP.
 
-Exit codes: 0 graceful stop, 1 a child could not start, 2 configuration error,
+Exit codes: 0 graceful stop, 1 a child could not start (or pool start itself failed; its
+pollers are stopped first), 2 configuration error,
 3 stopped at once by a second signal (in-flight batches were abandoned; their leases expire).
 """
 
@@ -93,6 +94,10 @@ class Supervisor:
             fresh = self.load_settings_again()
         except ConfigError as exc:
             log.error("reload failed, keeping the current settings: %s", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the supervisor's loop must outlive any reload
+            log.error("reload failed, keeping the current settings: %s: %s", type(exc).__name__,
+                      str(exc).splitlines()[0] if str(exc) else "")
             return
         current = self.settings
         changes = {k: getattr(fresh, k) for k in RELOADABLE if getattr(fresh, k) != getattr(current, k)}
@@ -272,6 +277,12 @@ class Supervisor:
                 return EXIT_FORCED
             log.info("stopped")
             return EXIT_OK if clean else EXIT_FORCED
+        except Exception as exc:
+            # Whatever went wrong here, no poller may go on relaying with nobody to stop or
+            # restart it: they drain and stop as on SIGTERM.
+            log.error("pool start failed, stopping the pollers: %s: %s", type(exc).__name__, exc)
+            self._stop_all(time.monotonic() + self.shutdown_timeout)
+            return EXIT_CHILD_FAILED
         finally:
             if owned_dir:
                 shutil.rmtree(owned_dir, ignore_errors=True)
