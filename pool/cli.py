@@ -124,8 +124,11 @@ def start(settings: Any, load_settings_again: Callable[[], Any]) -> None:
 
     setup_logging(settings.log_level, "pool", settings.log_format,
                   secret_urls=(settings.db_url, settings.broker_url))
+    from pool.broker_check import warn_if_unreachable
+
     with _store(settings):
         pass  # reachable and prepared, or a one-line error and exit 2
+    warn_if_unreachable(settings)  # usable as configured, or a one-line error and exit 2
     sys.exit(run_supervisor(settings, load_settings_again))
 
 
@@ -166,11 +169,13 @@ def coordinator(settings: Any) -> None:
 
 def _check_standalone(settings: Any, command: str) -> None:
     """What `pool start` checks before it spawns anything, plus the shared metrics directory."""
+    from pool.broker_check import warn_if_unreachable
     from pool.standalone import metrics_dir
 
     metrics_dir(command)
     with _store(settings):
         pass  # reachable and prepared, or a one-line error and exit 2
+    warn_if_unreachable(settings)
 
 
 @cli.command()

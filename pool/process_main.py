@@ -52,11 +52,16 @@ def _on_reload(events: Connection, apply: Callable[[dict[str, Any]], None],
                 log.warning("pool start is gone; stopping")
                 parent_gone()
                 return
-            if kind == "reload":
+            if kind != "reload":
+                continue
+            try:
                 if "log_level" in changes:
                     logging.getLogger().setLevel(changes["log_level"])
                 apply(changes)
-                log.info("reloaded: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive a bad reload
+                log.error("reload failed, keeping the current settings: %s: %s", type(exc).__name__, exc)
+                continue
+            log.info("reloaded: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
 
     threading.Thread(target=listen, name="reload-listener", daemon=True).start()
 
@@ -141,9 +146,13 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
     from pool.store import open_store
 
     use_worker_files(worker_slot(index))
-    store = open_store(settings)
-    publisher = create_publisher(settings)
-    depth = QueueDepth(settings)
+    try:
+        store = open_store(settings)
+        publisher = create_publisher(settings)
+        depth = QueueDepth(settings)
+    except ConfigError as exc:  # one line to the supervisor (exit 2), not a traceback per restart
+        reporter.fatal(worker_slot(index), str(exc))
+        return
     host = host_id(settings.host_id)
     keeper = ShardKeeper(store, host, worker_slot(index), settings.shard_lease_seconds)
     identity = PollerIdentity(owner=f"{host}:{os.getpid()}:{index}", index=index, shard_count=shard_count)
@@ -174,8 +183,12 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     from pool.status import StatusMonitor
     from pool.store import open_store
 
-    store = open_store(settings, pool_size=1)
-    depth = QueueDepth(settings)
+    try:
+        store = open_store(settings, pool_size=1)
+        depth = QueueDepth(settings)
+    except ConfigError as exc:
+        reporter.fatal("coordinator", str(exc))
+        return
     collector = poller_collector()
     monitor = StatusMonitor(settings, store, depth, collector.collect, interval=settings.status_interval)
     pruning = _periodic_prune(settings, store)

@@ -7,8 +7,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kombu.exceptions import KombuError, OperationalError
-
 from pool.broker import create_celery_app
 from pool.config import Settings
 from pool.payload import PayloadError, Prepared, prepare, task_id_for
@@ -17,8 +15,11 @@ from pool.store import ClaimedRow
 
 log = logging.getLogger(__name__)
 
-# Errors that say the broker (not this row) is the problem: the rest of the batch is not tried.
-CONNECTION_ERRORS = (OperationalError, ConnectionError, OSError, TimeoutError)
+# Where an error happens says whose it is. Building a row's payload fails for that row alone
+# (rejected: it is charged an attempt). Anything raised while sending is the broker's, whatever
+# its type - refused or dropped connections, kombu's and redis-py's own ConnectionError (not
+# the builtin one), wrong credentials, an unknown vhost, an unparsable port, a full disk under
+# the filesystem transport: the rows go back unsent, uncharged, and the poller backs off.
 
 
 @dataclass
@@ -87,15 +88,11 @@ class Publisher:
                     retry=False,
                     add_to_parent=False,
                 )
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - see "Where an error happens" above
                 result.broker_error = self._describe(exc)
                 result.unsent.extend(p.id for p in payloads[position:])
                 self._reset()
                 break
-            except (KombuError, TypeError, ValueError) as exc:
-                # The broker took the connection fine but refused or could not encode this row.
-                result.rejected[row_id] = self._describe(exc)
-                continue
             result.accepted.append(row_id)
         return result
 
@@ -129,7 +126,7 @@ class BatchPublisher(Publisher):
             return result
         try:
             accepted, result.broker_error = self.send_batch(payloads)
-        except CONNECTION_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001 - see "Where an error happens" above
             result.broker_error = self._describe(exc)
             accepted = self.accepted_before_failure()
             self._reset()
