@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -49,10 +50,13 @@ def with_settings(flags: list[tuple[str, str, Any]], reloadable: bool = False) -
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             overrides = {key: kwargs.pop(key, None) for _flag, key, _type in SETTING_FLAGS + flags}
+            _GIVEN_URLS.extend(str(overrides[key]) for key in ("db_url", "broker_url") if overrides[key])
             overrides["config"] = kwargs.pop("config_file", None)
             if reloadable:
                 kwargs["load_settings_again"] = lambda: load_settings(overrides=overrides)
-            return command(settings=load_settings(overrides=overrides), **kwargs)
+            settings = load_settings(overrides=overrides)
+            _GIVEN_URLS.extend((settings.db_url, settings.broker_url))  # a settings file's too
+            return command(settings=settings, **kwargs)
 
         for flag, key, type_ in reversed(SETTING_FLAGS + flags):
             wrapper = click.option(flag, key, type=type_, default=None,
@@ -406,10 +410,23 @@ def _guard_db(settings: Any, action: Callable[[], Any]) -> Any:
 
 def _db_error(settings: Any, exc: Exception) -> PoolError:
     from pool.errors import ConfigError
-    from pool.redact import redact_url
+    from pool.redact import redact_text, redact_url
     from pool.store.base import first_line
 
-    return ConfigError(f"database {redact_url(settings.db_url)}: {first_line(exc)}")
+    reason = redact_text(first_line(exc), settings.db_url)
+    return ConfigError(f"database {redact_url(settings.db_url)}: {reason}")
+
+
+# The database and broker URLs this command was given, by flag or environment: an error line
+# hides their passwords even where a library quoted one without its URL.
+_GIVEN_URLS: list[str] = []
+
+
+def _redacted(message: str) -> str:
+    from pool.redact import redact_text
+
+    given = [os.environ.get(ENVIRONMENT[key], "") for key in ("db_url", "broker_url")]
+    return redact_text(message, *_GIVEN_URLS, *given)
 
 
 def main() -> None:
@@ -422,5 +439,5 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except PoolError as exc:
-        click.echo(f"pool: error: {exc}", err=True)
+        click.echo(f"pool: error: {_redacted(str(exc))}", err=True)
         sys.exit(exc.exit_code)

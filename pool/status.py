@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from pool.config import Settings
+from pool.redact import redact_text
 from pool.shards import host_id, member_name
 from pool.store.base import BacklogStats, DeadRow, first_line
 from pool.store.shards import Member, ShardOwner
@@ -256,7 +257,7 @@ class StatusMonitor:
             snap.backlog, snap.lag_seconds, snap.dead = stats.backlog, stats.oldest_age_seconds, stats.dead
             snap.shards = stats.by_shard
         except Exception as exc:  # noqa: BLE001 - an outage is reported, not fatal
-            snap.database_error = first_line(exc)
+            snap.database_error = redact_text(first_line(exc), self.settings.db_url)
             if previous.database_ok or not previous.refreshed_at:
                 log.warning("status: database unreachable: %s", snap.database_error)
         snap.queue_depth = self.depth.depth()
