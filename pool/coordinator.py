@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -146,14 +145,3 @@ def serve(host: str, port: int, app: CoordinatorApp) -> WSGIServer:
 def ask_parent_to_reload() -> None:
     """`pool start` (the coordinator's parent) reloads its settings on SIGHUP."""
     os.kill(os.getppid(), signal.SIGHUP)
-
-
-def reset_metrics_dir(path: str) -> None:
-    """Empty the multi-process directory: stale files from an earlier run would be summed in."""
-    os.makedirs(path, exist_ok=True)
-    for entry in os.listdir(path):
-        full = os.path.join(path, entry)
-        if os.path.isdir(full):
-            shutil.rmtree(full)
-        else:
-            os.remove(full)

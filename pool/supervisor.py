@@ -24,8 +24,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pool.config import RELOADABLE, Settings
-from pool.coordinator import reset_metrics_dir
 from pool.errors import ConfigError
+from pool.metrics_dir import reset_metrics_dir
 from pool.process_main import coordinator_main, poller_main, worker_slot
 
 log = logging.getLogger(__name__)
