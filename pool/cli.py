@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -40,6 +41,12 @@ START_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
     ("--shutdown-timeout", "shutdown_timeout", str),
     ("--max-attempts", "max_attempts", str),
 ]
+
+
+# Longest a command waits for something: a day (a bigger float would overflow the clock maths).
+MAX_WAIT_SECONDS = 86400.0
+# Row ids as the databases store them: 64-bit signed integers (BIGINT, SQLite INTEGER).
+ROW_ID = click.IntRange(-(2**63), 2**63 - 1)
 
 
 def with_settings(flags: list[tuple[str, str, Any]], reloadable: bool = False) -> Callable:
@@ -249,13 +256,16 @@ def reload(settings: Any, url: str | None) -> None:
 @cli.command()
 @click.option("--wait-for", type=click.IntRange(0), default=0,
               help="Wait until at least this many signals are scored.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, max=MAX_WAIT_SECONDS), default=300.0,
+              show_default=True)
 @with_settings([])
 def scores(settings: Any, wait_for: int, timeout: float) -> None:
     """What the reference worker wrote: scored signal count and the top scores."""
     from pool.store import create_db_engine
     from pool.store.scores import ScoresStore
 
+    if math.isnan(timeout):  # FloatRange lets NaN through: it compares as within any range
+        raise ConfigError("--timeout must be a number of seconds, got nan")
     engine = create_db_engine(settings.db_url)
     store = ScoresStore(engine)
     try:
@@ -305,7 +315,7 @@ def dead_list(settings: Any, limit: int, as_json: bool) -> None:
 
 
 @dead.command("requeue")
-@click.option("--id", "ids", type=int, multiple=True, help="A dead row's id; repeat for several.")
+@click.option("--id", "ids", type=ROW_ID, multiple=True, help="A dead row's id; repeat for several.")
 @click.option("--all", "all_rows", is_flag=True, help="Every dead row.")
 @with_settings([])
 def dead_requeue(settings: Any, ids: tuple[int, ...], all_rows: bool) -> None:
@@ -367,7 +377,8 @@ def _parse_count(flag: str, raw: str, maximum: int, minimum: int = 1) -> int:
     try:
         value = int(raw.strip())
     except ValueError:
-        raise ConfigError(f"{flag} must be a whole number, got {raw!r}") from None
+        shown = repr(raw) if len(raw) <= 40 else repr(raw[:40]) + "…"
+        raise ConfigError(f"{flag} must be a whole number, got {shown}") from None
     if not minimum <= value <= maximum:
         raise ConfigError(f"{flag} must be between {minimum} and {maximum}, got {value}")
     return value
@@ -435,8 +446,15 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `pool dead` alone: the group's help
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        # One line, as for every other error: the usage text is one -h away.
+        context = getattr(exc, "ctx", None)
+        hint = f" (see {context.command_path} -h)" if isinstance(exc, click.UsageError) and context else ""
+        message = " ".join(exc.format_message().split())
+        click.echo(f"pool: error: {_redacted(message)}{hint}", err=True)
         sys.exit(exc.exit_code)
     except PoolError as exc:
         click.echo(f"pool: error: {_redacted(str(exc))}", err=True)
