@@ -186,6 +186,8 @@ class Supervisor:
                     messages.append(reader.recv())
             except (EOFError, OSError):
                 pass  # the child exited; its sentinel tells the rest
+            except Exception as exc:  # noqa: BLE001 - a garbled message must not stop the supervisor
+                log.warning("dropped an unreadable message from a child: %s", type(exc).__name__)
         return messages
 
     def _reap(self, child: Child) -> None:
