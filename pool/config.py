@@ -17,6 +17,9 @@ from pool.redact import redact_url
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 HOST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+# A host name or an IP address (IPv6 with or without brackets) to bind to; nothing a resolver
+# could not even be asked about (spaces, slashes, undecodable bytes).
+BIND_HOST = re.compile(r"^[A-Za-z0-9_.:%\[\]-]{1,253}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "kv", "json")
 CONFIG_FILE_VARIABLE = "PULSE_CONFIG"
@@ -256,6 +259,8 @@ def _parse(key: str, raw: Any) -> Any:
         return _parse_identifier(env_name, raw)
     if key == "queue":
         return _parse_pattern(env_name, raw, QUEUE_NAME, "1-200 characters of A-Z a-z 0-9 _ . : -")
+    if key == "metrics_host":
+        return _parse_pattern(env_name, raw, BIND_HOST, "a host name or an IP address")
     if key == "host_id":
         return _parse_pattern(env_name, raw, HOST_ID, "1-100 characters of A-Z a-z 0-9 _ . -")
     if key == "task_name":

@@ -46,6 +46,8 @@ BAD_INPUTS = {
     "poll interval of 5000 digits": (["start"], {"PULSE_DB_POLL_INTERVAL": LONG},
                                      "PULSE_DB_POLL_INTERVAL must be between"),
     "a queue name that is not UTF-8": (["start"], {"PULSE_QUEUE": "q\udcff"}, "PULSE_QUEUE must be"),
+    "a metrics host that is not UTF-8": (["start"], {"PULSE_METRICS_HOST": "h\udcff"},
+                                         "PULSE_METRICS_HOST must be a host name"),
     "settings file that is not UTF-8": (["start"], {"PULSE_CONFIG": "latin1.toml"}, "is not UTF-8"),
     "settings file that is a directory": (["start"], {"PULSE_CONFIG": "."}, "cannot read"),
 }
