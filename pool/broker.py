@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 
 from pool.config import Settings
+from pool.errors import ConfigError
 
 
 def broker_scheme(settings: Settings) -> str:
@@ -18,7 +19,10 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     scheme = broker_scheme(settings)
     if scheme == "filesystem":
         folder = os.path.abspath(settings.broker_folder)
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"PULSE_BROKER_FOLDER: cannot use {folder!r}: {exc.strerror}") from None
         # One folder for in and out, so producers and consumers in other processes meet.
         return {"data_folder_in": folder, "data_folder_out": folder, "control_folder": folder}
     if scheme in ("redis", "rediss"):

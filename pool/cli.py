@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +43,12 @@ START_FLAGS: list[tuple[str, str, type | click.ParamType]] = [
 ]
 
 
+# Longest a command waits for something: a day (a bigger float would overflow the clock maths).
+MAX_WAIT_SECONDS = 86400.0
+# Row ids as the databases store them: 64-bit signed integers (BIGINT, SQLite INTEGER).
+ROW_ID = click.IntRange(-(2**63), 2**63 - 1)
+
+
 def with_settings(flags: list[tuple[str, str, Any]], reloadable: bool = False) -> Callable:
     """Add setting flags to a command and hand it a validated Settings as `settings`; with
     `reloadable`, also `load_settings_again`, which reads the same sources once more."""
@@ -49,10 +57,13 @@ def with_settings(flags: list[tuple[str, str, Any]], reloadable: bool = False) -
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             overrides = {key: kwargs.pop(key, None) for _flag, key, _type in SETTING_FLAGS + flags}
+            _GIVEN_URLS.extend(str(overrides[key]) for key in ("db_url", "broker_url") if overrides[key])
             overrides["config"] = kwargs.pop("config_file", None)
             if reloadable:
                 kwargs["load_settings_again"] = lambda: load_settings(overrides=overrides)
-            return command(settings=load_settings(overrides=overrides), **kwargs)
+            settings = load_settings(overrides=overrides)
+            _GIVEN_URLS.extend((settings.db_url, settings.broker_url))  # a settings file's too
+            return command(settings=settings, **kwargs)
 
         for flag, key, type_ in reversed(SETTING_FLAGS + flags):
             wrapper = click.option(flag, key, type=type_, default=None,
@@ -124,8 +135,11 @@ def start(settings: Any, load_settings_again: Callable[[], Any]) -> None:
 
     setup_logging(settings.log_level, "pool", settings.log_format,
                   secret_urls=(settings.db_url, settings.broker_url))
+    from pool.broker_check import warn_if_unreachable
+
     with _store(settings):
         pass  # reachable and prepared, or a one-line error and exit 2
+    warn_if_unreachable(settings)  # usable as configured, or a one-line error and exit 2
     sys.exit(run_supervisor(settings, load_settings_again))
 
 
@@ -166,11 +180,13 @@ def coordinator(settings: Any) -> None:
 
 def _check_standalone(settings: Any, command: str) -> None:
     """What `pool start` checks before it spawns anything, plus the shared metrics directory."""
+    from pool.broker_check import warn_if_unreachable
     from pool.standalone import metrics_dir
 
     metrics_dir(command)
     with _store(settings):
         pass  # reachable and prepared, or a one-line error and exit 2
+    warn_if_unreachable(settings)
 
 
 @cli.command()
@@ -240,13 +256,16 @@ def reload(settings: Any, url: str | None) -> None:
 @cli.command()
 @click.option("--wait-for", type=click.IntRange(0), default=0,
               help="Wait until at least this many signals are scored.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, max=MAX_WAIT_SECONDS), default=300.0,
+              show_default=True)
 @with_settings([])
 def scores(settings: Any, wait_for: int, timeout: float) -> None:
     """What the reference worker wrote: scored signal count and the top scores."""
     from pool.store import create_db_engine
     from pool.store.scores import ScoresStore
 
+    if math.isnan(timeout):  # FloatRange lets NaN through: it compares as within any range
+        raise ConfigError("--timeout must be a number of seconds, got nan")
     engine = create_db_engine(settings.db_url)
     store = ScoresStore(engine)
     try:
@@ -296,7 +315,7 @@ def dead_list(settings: Any, limit: int, as_json: bool) -> None:
 
 
 @dead.command("requeue")
-@click.option("--id", "ids", type=int, multiple=True, help="A dead row's id; repeat for several.")
+@click.option("--id", "ids", type=ROW_ID, multiple=True, help="A dead row's id; repeat for several.")
 @click.option("--all", "all_rows", is_flag=True, help="Every dead row.")
 @with_settings([])
 def dead_requeue(settings: Any, ids: tuple[int, ...], all_rows: bool) -> None:
@@ -358,7 +377,8 @@ def _parse_count(flag: str, raw: str, maximum: int, minimum: int = 1) -> int:
     try:
         value = int(raw.strip())
     except ValueError:
-        raise ConfigError(f"{flag} must be a whole number, got {raw!r}") from None
+        shown = repr(raw) if len(raw) <= 40 else repr(raw[:40]) + "…"
+        raise ConfigError(f"{flag} must be a whole number, got {shown}") from None
     if not minimum <= value <= maximum:
         raise ConfigError(f"{flag} must be between {minimum} and {maximum}, got {value}")
     return value
@@ -401,10 +421,23 @@ def _guard_db(settings: Any, action: Callable[[], Any]) -> Any:
 
 def _db_error(settings: Any, exc: Exception) -> PoolError:
     from pool.errors import ConfigError
-    from pool.redact import redact_url
+    from pool.redact import redact_text, redact_url
     from pool.store.base import first_line
 
-    return ConfigError(f"database {redact_url(settings.db_url)}: {first_line(exc)}")
+    reason = redact_text(first_line(exc), settings.db_url)
+    return ConfigError(f"database {redact_url(settings.db_url)}: {reason}")
+
+
+# The database and broker URLs this command was given, by flag or environment: an error line
+# hides their passwords even where a library quoted one without its URL.
+_GIVEN_URLS: list[str] = []
+
+
+def _redacted(message: str) -> str:
+    from pool.redact import redact_text
+
+    given = [os.environ.get(ENVIRONMENT[key], "") for key in ("db_url", "broker_url")]
+    return redact_text(message, *_GIVEN_URLS, *given)
 
 
 def main() -> None:
@@ -413,9 +446,16 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `pool dead` alone: the group's help
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        # One line, as for every other error: the usage text is one -h away.
+        context = getattr(exc, "ctx", None)
+        hint = f" (see {context.command_path} -h)" if isinstance(exc, click.UsageError) and context else ""
+        message = " ".join(exc.format_message().split())
+        click.echo(f"pool: error: {_redacted(message)}{hint}", err=True)
         sys.exit(exc.exit_code)
     except PoolError as exc:
-        click.echo(f"pool: error: {exc}", err=True)
+        click.echo(f"pool: error: {_redacted(str(exc))}", err=True)
         sys.exit(exc.exit_code)

@@ -13,13 +13,18 @@ from typing import Any
 from pool.durations import parse_age
 from pool.errors import ConfigError
 from pool.http_address import is_host
+from pool.redact import redact_url
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 HOST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+# A host name or an IP address (IPv6 with or without brackets) to bind to; nothing a resolver
+# could not even be asked about (spaces, slashes, undecodable bytes).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "kv", "json")
 CONFIG_FILE_VARIABLE = "PULSE_CONFIG"
+# A settings file is a few dozen lines; anything this big is the wrong file.
+MAX_CONFIG_FILE_BYTES = 1024 * 1024
 # What a running `pool start` takes over on SIGHUP / `pool reload`; the rest needs a restart.
 RELOADABLE = ("poll_interval", "busy_poll_interval", "batch_size", "backpressure_high", "backpressure_low",
               "log_level")
@@ -116,13 +121,19 @@ ENVIRONMENT: dict[str, str] = {
 }
 
 
+def _shown(raw: Any) -> str:
+    """A bad value as an error line quotes it: repr, cut short (a value may be megabytes long)."""
+    text = repr(raw if isinstance(raw, str) else str(raw))
+    return text if len(text) <= 42 else text[:40] + "…"
+
+
 def _parse_int(env_name: str, raw: Any, minimum: int, maximum: int) -> int:
     try:
         value = int(str(raw).strip())
     except ValueError:
-        raise ConfigError(f"{env_name} must be an integer, got {raw!r}") from None
+        raise ConfigError(f"{env_name} must be an integer, got {_shown(raw)}") from None
     if not minimum <= value <= maximum:
-        raise ConfigError(f"{env_name} must be between {minimum} and {maximum}, got {value}")
+        raise ConfigError(f"{env_name} must be between {minimum} and {maximum}, got {_shown(value)}")
     return value
 
 
@@ -130,9 +141,9 @@ def _parse_float(env_name: str, raw: Any, minimum: float, maximum: float) -> flo
     try:
         value = float(str(raw).strip())
     except ValueError:
-        raise ConfigError(f"{env_name} must be a number, got {raw!r}") from None
+        raise ConfigError(f"{env_name} must be a number, got {_shown(raw)}") from None
     if not minimum <= value <= maximum:  # also rejects NaN
-        raise ConfigError(f"{env_name} must be between {minimum} and {maximum}, got {raw!r}")
+        raise ConfigError(f"{env_name} must be between {minimum} and {maximum}, got {_shown(raw)}")
     return value
 
 
@@ -151,7 +162,7 @@ def _parse_identifier(env_name: str, raw: Any) -> str:
     if not IDENTIFIER.match(value):
         raise ConfigError(
             f"{env_name} must be a plain SQL identifier (letters, digits, _; not starting "
-            f"with a digit; at most 63 characters), got {value!r}"
+            f"with a digit; at most 63 characters), got {_shown(value)}"
         )
     return value
 
@@ -164,9 +175,40 @@ def _parse_url(env_name: str, raw: Any, schemes: tuple[str, ...]) -> str:
     base_scheme = scheme.split("+", 1)[0].lower()
     if base_scheme not in schemes:
         raise ConfigError(
-            f"{env_name} has unsupported scheme {scheme!r}; expected one of {', '.join(schemes)}"
+            f"{env_name} has unsupported scheme {_shown(redact_url(scheme))};"
+            f" expected one of {', '.join(schemes)}"
         )
+    problem = _url_problem(value, database=env_name == ENVIRONMENT["db_url"])
+    if problem:
+        raise ConfigError(f"{env_name} {redact_url(value)} cannot be parsed: {problem}")
     return value
+
+
+def _url_problem(url: str, database: bool) -> str | None:
+    """Why the library that will read `url` (SQLAlchemy, or kombu for a broker) cannot, in words
+    of our own: their messages quote pieces of the URL, which may be pieces of a password."""
+    hint = "the port must be a number from 0 to 65535 (percent-encode / : @ ? # in a password)"
+    if "[" in url.partition("?")[0] and "]" not in url:
+        return "an IPv6 address needs its closing ]"
+    try:
+        if database:
+            from sqlalchemy.engine import make_url
+
+            parsed = make_url(url)
+            if "@" in (parsed.host or ""):
+                return "percent-encode an @ in the user name or password as %40"
+            port = parsed.port
+        else:
+            from kombu.utils.url import parse_url
+
+            port = parse_url(url).get("port")
+    except ValueError as exc:
+        return "an IPv6 address needs its closing ]" if "IPv6" in str(exc) else hint
+    except Exception:  # noqa: BLE001 - SQLAlchemy's ArgumentError and whatever else a parser raises
+        return "it is not a URL the driver can read"
+    if port is not None and not 0 <= port <= 65535:
+        return hint
+    return None
 
 
 DB_SCHEMES = ("sqlite", "postgresql", "postgres")
@@ -198,14 +240,14 @@ NUMBER_RANGES: dict[str, tuple[type, float, float]] = {
 def _parse_choice(env_name: str, raw: Any, choices: tuple[str, ...], fold: Any) -> str:
     value = fold(str(raw).strip())
     if value not in choices:
-        raise ConfigError(f"{env_name} must be one of {', '.join(choices)}, got {str(raw)[:40]!r}")
+        raise ConfigError(f"{env_name} must be one of {', '.join(choices)}, got {_shown(raw)}")
     return value
 
 
 def _parse_pattern(env_name: str, raw: Any, pattern: re.Pattern, described: str) -> str:
     value = str(raw).strip()
     if not pattern.match(value):
-        raise ConfigError(f"{env_name} must be {described}, got {value[:40]!r}")
+        raise ConfigError(f"{env_name} must be {described}, got {_shown(value)}")
     return value
 
 
@@ -276,23 +318,41 @@ def _parse(key: str, raw: Any) -> Any:
 
 def _file_values(path: str) -> dict[str, Any]:
     """Settings from a TOML file whose keys are the variables' names without PULSE_, in lower
-    case (`batch_size = 1000`, `db_poll_interval = 0.5`, `db_column_name = "label"`)."""
+    case (`batch_size = 1000`, `db_poll_interval = 0.5`, `db_column_name = "label"`).
+
+    Every way the file can be bad is a one-line ConfigError: a reload must never take the
+    supervisor down, and a start must not end in a traceback."""
+    shown = path if path.isprintable() else repr(path)
+    where = f"{CONFIG_FILE_VARIABLE}: {shown}"
     try:
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: cannot read {path}: {exc.strerror}") from None
+            raw = handle.read(MAX_CONFIG_FILE_BYTES + 1)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: cannot read {shown}: {reason}") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"{where} is over {MAX_CONFIG_FILE_BYTES // 1024} KiB; is it the right file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{where} is not valid TOML: {exc}") from None
+    # tomllib lets int() and recursion errors through: a number of thousands of digits, or
+    # arrays nested thousands deep.
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{where} is not valid TOML: {type(exc).__name__}: {str(exc)[:80]}") from None
     by_name = {env_name.removeprefix("PULSE_").lower(): key for key, env_name in ENVIRONMENT.items()}
     values = {}
-    for name, raw in data.items():
+    for name, value in data.items():
         key = by_name.get(name)
         if key is None:
-            raise ConfigError(f"{CONFIG_FILE_VARIABLE}: {path} has an unknown setting {name!r}")
-        if isinstance(raw, dict | list | bool):
-            raise ConfigError(f"{CONFIG_FILE_VARIABLE}: {path}: {name} must be a string or a number")
-        values[key] = _parse(key, raw)
+            raise ConfigError(f"{where} has an unknown setting {name[:60]!r}")
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be a string or a number")
+        values[key] = _parse(key, value)
     return values
 
 

@@ -19,7 +19,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +31,6 @@ from prometheus_client.core import GaugeMetricFamily
 from pool.config import Settings
 from pool.http_address import ip_literal, is_loopback
 from pool.http_guard import Refusal, RequestGuard
-from pool.poller_slot import is_slot_file
 from pool.status import Snapshot, StatusMonitor
 
 log = logging.getLogger(__name__)
@@ -202,18 +200,3 @@ def guard_for(settings: Settings, bound_address: str) -> RequestGuard:
 def ask_parent_to_reload() -> None:
     """`pool start` (the coordinator's parent) reloads its settings on SIGHUP."""
     os.kill(os.getppid(), signal.SIGHUP)
-
-
-def reset_metrics_dir(path: str) -> None:
-    """Empty the multi-process directory: stale files from an earlier run would be summed in.
-
-    The poller slot files stay: they name the members the next pollers take over from."""
-    os.makedirs(path, exist_ok=True)
-    for entry in os.listdir(path):
-        if is_slot_file(entry):
-            continue
-        full = os.path.join(path, entry)
-        if os.path.isdir(full):
-            shutil.rmtree(full)
-        else:
-            os.remove(full)

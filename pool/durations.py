@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# About a hundred years: any retention a user means, and well inside what both databases' date
+# arithmetic and Python's timedelta hold (SQLite's dates end at year 0000, its now - 300,000,000
+# weeks is NULL; PostgreSQL's is "timestamp out of range").
+MAX_AGE_SECONDS = 36500 * 86400
 
 
 def parse_age(text: str) -> float:
@@ -19,6 +23,8 @@ def parse_age(text: str) -> float:
         raise ValueError(f"{text!r} is not an age like 30m, 12h or 7d")
     if number < 0:
         raise ValueError("an age cannot be negative")
+    if number * unit > MAX_AGE_SECONDS:
+        raise ValueError(f"{text!r} is too long an age; at most {describe_age(MAX_AGE_SECONDS)}")
     return number * unit
 
 

@@ -185,7 +185,7 @@ class LeaseHeartbeat:
             started = time.monotonic()
             try:
                 self.store.extend_lease(lease, self.lease_seconds)
-            except DBAPIError as exc:
+            except Exception as exc:  # noqa: BLE001 - a dead heartbeat would let leases lapse silently
                 log.warning("could not extend lease: %s", first_line(exc))
                 continue
             with self._changed:
@@ -230,8 +230,9 @@ class Poller:
         self._woken = False  # whether the last rest was cut short by a NOTIFY
         self._db_failing = False
         self._broker_failing = False
+        self._failing = False  # a batch failed for a reason that is neither database nor broker
         # When the current outage began (monotonic), for the seconds it lasted in the recovery line.
-        self._db_down_since = self._broker_down_since = 0.0
+        self._db_down_since = self._broker_down_since = self._failing_since = 0.0
 
     # --- one batch -------------------------------------------------------------------
     def run_once(self) -> int:
@@ -247,10 +248,14 @@ class Poller:
         if not claim.rows:
             return 0
         with self.heartbeat.holding(claim.lease):
-            # Once the shutdown grace is spent, rows not yet published are released instead.
-            result = self.publisher.publish(claim.rows, keep_going=lambda: not self.stop.out_of_time())
-            published_at = time.perf_counter()
-            outcome = self._settle(claim, result)
+            try:
+                # Once the shutdown grace is spent, rows not yet published are released instead.
+                result = self.publisher.publish(claim.rows, keep_going=lambda: not self.stop.out_of_time())
+                published_at = time.perf_counter()
+                outcome = self._settle(claim, result)
+            except BaseException:
+                self._release_unsettled(claim)
+                raise
         finished = time.perf_counter()
         outcome.seconds = finished - started
         outcome.publish_seconds = published_at - claimed_at
@@ -264,6 +269,15 @@ class Poller:
                 "unsent": outcome.unsent, "seconds": round(outcome.seconds, 3),
             }})
         return len(claim.rows)
+
+    def _release_unsettled(self, claim: Claim) -> None:
+        """After a failure mid-batch, give back at once the rows still leased to us (settled ones
+        no longer are), rather than have them wait out the lease."""
+        try:
+            self.store.release(claim.lease, [row.id for row in claim.rows])
+        except Exception as exc:  # noqa: BLE001 - then the lease expires; nothing is lost
+            log.warning("could not release a failed batch (its lease expires in %.0f s): %s",
+                        self.settings.lease_seconds, first_line(exc))
 
     def _settle(self, claim: Claim, result: PublishResult) -> BatchOutcome:
         accepted, unsent = result.accepted, result.unsent
@@ -362,17 +376,15 @@ class Poller:
         self._broker_failing = error is not None
 
     def run(self) -> None:
+        """Relay until stopped. No exception ends the loop: a database or broker outage, or
+        anything unexpected in a batch, releases that batch's rows, is logged once when it
+        starts and once when it ends, and is retried with backoff."""
         if self.wake is not None:
             self.wake.listen()
-        db_backoff = broker_backoff = BACKOFF_START
+        db_backoff = broker_backoff = failure_backoff = BACKOFF_START
         while not self.stop.is_set():
-            # Alive, and with these settings: said on every turn, paused or failing ones too.
-            self.hooks.loop(self.settings, len(self.shard_source.held))
-            if self._must_pause():
-                self.stop.wait(min(self.settings.poll_interval, DEPTH_CHECK_INTERVAL))
-                continue
             try:
-                claimed = self.run_once()
+                claimed = self._turn()
             except DBAPIError as exc:
                 self.hooks.database_error()
                 if not self._db_failing:
@@ -382,6 +394,23 @@ class Poller:
                 self._db_failing = True
                 self.stop.wait(db_backoff)
                 db_backoff = min(db_backoff * 2, BACKOFF_CAP)
+                continue
+            except Exception as exc:  # noqa: BLE001 - the poller must outlive any one batch
+                error = f"{type(exc).__name__}: {first_line(exc)}"
+                if not self._failing:
+                    self._failing_since = time.monotonic()
+                    log.error("batch failed, its rows were released; retrying with backoff: %s", error,
+                              extra={"fields": {"event": "batch_failed", "error": error}})
+                self._failing = True
+                self.stop.wait(failure_backoff)
+                failure_backoff = min(failure_backoff * 2, BACKOFF_CAP)
+                continue
+            if self._failing:
+                log.info("batches succeed again", extra={"fields": {
+                    "event": "batches_succeed", "down_seconds": _since(self._failing_since)}})
+                self._failing = False
+            failure_backoff = BACKOFF_START
+            if claimed is None:  # paused by backpressure
                 continue
             if self._db_failing:
                 log.info("database reachable again", extra={"fields": {
@@ -396,6 +425,15 @@ class Poller:
             self._wake_peers_after_idle_spell(claimed)
             self.rest = self._rest_after(claimed)
             self._woken = self._idle(self._jittered(claimed, self.rest)) if self.rest else False
+
+    def _turn(self) -> int | None:
+        """One turn of the loop: a batch, or a short wait while backpressure pauses (None)."""
+        # Alive, and with these settings: said on every turn, paused or failing ones too.
+        self.hooks.loop(self.settings, len(self.shard_source.held))
+        if self._must_pause():
+            self.stop.wait(min(self.settings.poll_interval, DEPTH_CHECK_INTERVAL))
+            return None
+        return self.run_once()
 
     def _rest_after(self, claimed: int) -> float:
         """How long to rest after a claim of `claimed` rows.

@@ -53,11 +53,16 @@ def _on_reload(events: Connection, apply: Callable[[dict[str, Any]], None],
                 log.warning("pool start is gone; stopping")
                 parent_gone()
                 return
-            if kind == "reload":
+            if kind != "reload":
+                continue
+            try:
                 if "log_level" in changes:
                     logging.getLogger().setLevel(changes["log_level"])
                 apply(changes)
-                log.info("reloaded: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive a bad reload
+                log.error("reload failed, keeping the current settings: %s: %s", type(exc).__name__, exc)
+                continue
+            log.info("reloaded: %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
 
     threading.Thread(target=listen, name="reload-listener", daemon=True).start()
 
@@ -159,16 +164,16 @@ def poller_main(settings: Settings, index: int, shard_count: int, events: Connec
 
     slot = worker_slot(index)
     claim = slot_claim
-    if claim is None:
-        try:
+    try:
+        if claim is None:
             claim = take_slot(index)  # before its metric files are touched
-        except ConfigError as exc:
-            reporter.fatal(slot, str(exc))
-            raise SystemExit(2) from None  # a failure to start, not a clean exit to restart at once
-    use_worker_files(slot)
-    store = open_store(settings)
-    publisher = create_publisher(settings)
-    depth = QueueDepth(settings)
+        use_worker_files(slot)
+        store = open_store(settings)
+        publisher = create_publisher(settings)
+        depth = QueueDepth(settings)
+    except ConfigError as exc:  # one line to the supervisor (exit 2), not a traceback per restart
+        reporter.fatal(slot, str(exc))
+        raise SystemExit(2) from None  # a failure to start, not a clean exit to restart at once
     keeper = ShardKeeper(store, host_id(settings.host_id), slot, settings.shard_lease_seconds,
                          replaces=claim.predecessor)
     claim.record(keeper.member)
@@ -204,8 +209,12 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     from pool.status import StatusMonitor
     from pool.store import open_store
 
-    store = open_store(settings, pool_size=1)
-    depth = QueueDepth(settings)
+    try:
+        store = open_store(settings, pool_size=1)
+        depth = QueueDepth(settings)
+    except ConfigError as exc:
+        reporter.fatal("coordinator", str(exc))
+        return
     collector = poller_collector()
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     monitor = StatusMonitor(settings, store, depth, collector.collect, interval=settings.status_interval,

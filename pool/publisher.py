@@ -17,8 +17,14 @@ from pool.store import ClaimedRow
 
 log = logging.getLogger(__name__)
 
-# Errors that say the broker (not this row) is the problem: the rest of the batch is not tried.
-CONNECTION_ERRORS = (OperationalError, ConnectionError, OSError, TimeoutError)
+# Where an error happens says whose it is. Building a row's payload, or serialising it, fails
+# for that row alone (rejected: dead at once, it would fail the same way again). On the
+# message-at-a-time path, kombu's refusal of one message that is not about the connection is
+# that message's (failed: tried again with backoff, up to max_attempts). Anything else raised
+# while sending is the broker's, whatever its type - refused or dropped connections, kombu's
+# and redis-py's own ConnectionError (not the builtin one), wrong credentials, an unknown
+# vhost, an unparsable port, a full disk under the filesystem transport: the rows go back
+# unsent, uncharged, and the poller backs off.
 
 
 @dataclass
@@ -90,19 +96,17 @@ class Publisher:
                     retry=False,
                     add_to_parent=False,
                 )
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - see "Where an error happens" above
+                if isinstance(exc, EncodeError):
+                    result.rejected[row_id] = self._describe(exc)
+                    continue
+                if isinstance(exc, KombuError) and not isinstance(exc, OperationalError):
+                    result.failed[row_id] = self._describe(exc)
+                    continue
                 result.broker_error = self._describe(exc)
                 result.unsent.extend(p.id for p in payloads[position:])
                 self._reset()
                 break
-            except (EncodeError, TypeError, ValueError) as exc:
-                # The serializer cannot encode this row: it never will.
-                result.rejected[row_id] = self._describe(exc)
-                continue
-            except KombuError as exc:
-                # The broker took the connection fine but refused this message; maybe not next time.
-                result.failed[row_id] = self._describe(exc)
-                continue
             result.accepted.append(row_id)
         return result
 
@@ -136,7 +140,7 @@ class BatchPublisher(Publisher):
             return result
         try:
             accepted, result.broker_error = self.send_batch(payloads)
-        except CONNECTION_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001 - see "Where an error happens" above
             result.broker_error = self._describe(exc)
             accepted = self.accepted_before_failure()
             self._reset()

@@ -1,22 +1,88 @@
-"""Keep passwords out of logs, errors and metrics."""
+"""Keep passwords out of logs, errors and metrics.
+
+Users write URLs that no parser agrees on: an unencoded `@`, `:` or `/` in a password,
+`?password=` in the query, percent-encoding or not. Each parser (SQLAlchemy, kombu, urllib)
+would split such a URL differently, so redaction does not parse: it hides, generously, every
+span any of them could take for a secret.
+"""
+
+from __future__ import annotations
 
 import re
+from urllib.parse import quote, unquote, unquote_plus
 
-# As SQLAlchemy parses URLs: a password may hold "/" and ":" but not "@".
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<password>[^@]*)@")
+MASK = "***"
+# A URL inside a message: a scheme, then everything up to whitespace or the next URL.
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>(?:(?![A-Za-z][A-Za-z0-9+.-]*://)\S)*)")
+# Query parameters whose value is a secret: password, passwd, pass, pwd, sslpassword, token,
+# secret, key, api_key, auth... (a harmless one such as sslkey, a file name, is hidden too).
+_SECRET_PARAMETER = re.compile(
+    r"(?P<name>[?&;][^=&;#\s]*(?:pass|pwd|secret|token|key|auth|cred)[^=&;#\s]*=)(?P<value>[^&;#\s]*)",
+    re.IGNORECASE,
+)
 
 
-def redact_url(url: str) -> str:
-    """`scheme://user:secret@host/db` -> `scheme://user:***@host/db`; other URLs unchanged."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+def _split_userinfo(rest: str) -> tuple[str, str, str] | None:
+    """(user, password, after) when `rest` (a URL after `scheme://`) has `user:password@`.
+
+    The password runs to the LAST `@`: a password may hold `@`, `:` and `/` unencoded, a host
+    holds none of them."""
+    at = rest.rfind("@")
+    if at < 0:
+        return None
+    user, colon, password = rest[:at].partition(":")
+    if not colon:
+        return None
+    return user, password, rest[at:]
+
+
+def _redact_one(match: re.Match) -> str:
+    rest = match["rest"]
+    parts = _split_userinfo(rest)
+    if parts is not None:
+        user, _password, after = parts
+        rest = f"{user}:{MASK}{after}"
+    rest = _SECRET_PARAMETER.sub(lambda m: f"{m['name']}{MASK}", rest)
+    return f"{match['scheme']}{rest}"
+
+
+def redact_url(text: str) -> str:
+    """Every URL in `text` with its password and secret query values as ***:
+    `scheme://user:secret@host/db?password=x` -> `scheme://user:***@host/db?password=***`."""
+    return _URL.sub(_redact_one, text)
+
+
+def secrets_of(url: str) -> set[str]:
+    """Every string in `url` that some parser could take for a secret, as written, decoded and
+    encoded, for hiding where a driver quotes it without the URL around it."""
+    found: set[str] = set()
+    for match in _URL.finditer(url):
+        rest = match["rest"]
+        parts = _split_userinfo(rest)
+        if parts is not None:
+            password = parts[1]
+            found.add(password)
+            # With an `@` in the query too, a parser that ends the authority at the first `?`
+            # sees a shorter password.
+            query = rest.find("?", rest.find("@"))
+            last_at_before_query = rest.rfind("@", 0, query) if query >= 0 else -1
+            if last_at_before_query > 0:
+                found.add(rest[:last_at_before_query].partition(":")[2])
+        found.update(m["value"] for m in _SECRET_PARAMETER.finditer(rest))
+    plain = found | {form for secret in found for form in (unquote(secret), unquote_plus(secret))}
+    encoded = {quote(secret, safe="") for secret in plain}
+    return {secret for secret in plain | encoded if secret and secret != MASK}
 
 
 def redact_text(message: str, *urls: str) -> str:
-    """Replace any full URL (and its bare password) from `urls` inside a message."""
+    """`message` with the URLs `urls` redacted, their secrets hidden wherever they appear on
+    their own, and any other URL's password hidden by pattern."""
+    secrets: set[str] = set()
     for url in urls:
-        match = _USERINFO.search(url)
         if url:
             message = message.replace(url, redact_url(url))
-        if match and match["password"]:
-            message = message.replace(match["password"], "***")
-    return message
+            secrets |= secrets_of(url)
+    # Longest first, so that a secret holding a shorter one is hidden whole.
+    for secret in sorted(secrets, key=len, reverse=True):
+        message = message.replace(secret, MASK)
+    return redact_url(message)

@@ -41,7 +41,12 @@ def relay_signals(signums: Iterable[int], on_signal: Callable[[int], None]) -> N
     # The thread's arguments keep `sender` open for as long as the process lives.
     def relay(receiver: socket.socket, _sender: socket.socket) -> None:
         while True:
-            data = receiver.recv(64)
+            try:
+                data = receiver.recv(64)
+            except OSError as exc:  # never seen; but a relay that ends must not end unnoticed
+                log.error("signal relay stopped, %s is no longer handled: %s",
+                          "/".join(signal.Signals(s).name for s in sorted(wanted)), exc)
+                return
             if not data:
                 return
             for signum in data:

@@ -15,6 +15,7 @@ import os
 
 from pool.config import Settings
 from pool.errors import ConfigError
+from pool.metrics_dir import check_metrics_dir
 from pool.process_main import LogReporter, coordinator_main, poller_main, take_slot, worker_slot
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,7 @@ def metrics_dir(command: str) -> str:
             "share their metrics through: set it in supervisord's environment (environment=) or "
             "the service's, the same for every poller and the coordinator"
         )
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{METRICS_DIR_VARIABLE}: cannot create {path}: {exc.strerror}") from None
+    check_metrics_dir(path)
     return path
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from pool.config import Settings
+from pool.redact import redact_text
 from pool.shards import SYNC_EVERY, host_id, member_slot
 from pool.store.base import BacklogStats, DeadRow, first_line
 from pool.store.shards import Member, ShardOwner
@@ -282,6 +283,7 @@ class StatusMonitor:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._shard_count = 0
+        self._failing = False
 
     def current(self) -> Snapshot:
         with self._lock:
@@ -303,14 +305,18 @@ class StatusMonitor:
             snap.backlog, snap.lag_seconds, snap.dead = stats.backlog, stats.oldest_age_seconds, stats.dead
             snap.shards = stats.by_shard
         except Exception as exc:  # noqa: BLE001 - an outage is reported, not fatal
-            snap.database_error = first_line(exc)
+            snap.database_error = redact_text(first_line(exc), self.settings.db_url)
             if previous.database_ok or not previous.refreshed_at:
                 log.warning("status: database unreachable: %s", snap.database_error)
         snap.queue_depth = self.depth.depth()
         snap.broker_ok = snap.queue_depth is not None
         if not snap.broker_ok:
             snap.broker_error = "cannot read the queue depth"
-        samples = read_samples(self.collect)
+        try:
+            samples = read_samples(self.collect)
+        except Exception as exc:  # noqa: BLE001 - a damaged metrics file must not stop the status
+            samples = []
+            log.warning("status: cannot read the pollers' metric files: %s: %s", type(exc).__name__, exc)
         snap.totals = sum_totals(samples)
         snap.pollers = build_pollers(samples, self.settings, now, snap.shard_owners, self.slot_member)
         elapsed = now - previous.refreshed_at if previous.refreshed_at else 0.0
@@ -330,16 +336,25 @@ class StatusMonitor:
         return snap
 
     def start(self) -> None:
-        self.refresh()
+        self._refresh_safely()
         self._thread = threading.Thread(target=self._run, name="status-monitor", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - the monitor must outlive any one bad refresh
-                log.exception("status refresh failed")
+            self._refresh_safely()
+
+    def _refresh_safely(self) -> None:
+        """The monitor must outlive any one bad refresh; a failure is logged when it starts."""
+        try:
+            self.refresh()
+        except Exception as exc:  # noqa: BLE001
+            if not self._failing:
+                log.error("status refresh failed, the status page shows the last good one: %s: %s",
+                          type(exc).__name__, first_line(exc))
+            self._failing = True
+        else:
+            self._failing = False
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,7 +1,8 @@
 """`pool start`: spawn N pollers and one coordinator, restart the ones that die, drain on SIGTERM,
 reload settings on SIGHUP.
 
-Exit codes: 0 graceful stop, 1 a child could not start, 2 configuration error,
+Exit codes: 0 graceful stop, 1 a child could not start (or pool start itself failed; its
+pollers are stopped first), 2 configuration error,
 3 stopped at once by a second signal (in-flight batches were abandoned; their leases expire).
 """
 
@@ -23,9 +24,9 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pool.config import RELOADABLE, Settings
-from pool.coordinator import reset_metrics_dir
 from pool.errors import ConfigError
 from pool.http_address import listen_url
+from pool.metrics_dir import reset_metrics_dir
 from pool.poller_slot import SlotClaim, SlotTaken, claim_slot, slots_in_use
 from pool.process_main import coordinator_main, poller_main, worker_slot
 
@@ -97,6 +98,10 @@ class Supervisor:
             fresh = self.load_settings_again()
         except ConfigError as exc:
             log.error("reload failed, keeping the current settings: %s", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the supervisor's loop must outlive any reload
+            log.error("reload failed, keeping the current settings: %s: %s", type(exc).__name__,
+                      str(exc).splitlines()[0] if str(exc) else "")
             return
         current = self.settings
         changes = {k: getattr(fresh, k) for k in RELOADABLE if getattr(fresh, k) != getattr(current, k)}
@@ -185,6 +190,8 @@ class Supervisor:
                     messages.append(reader.recv())
             except (EOFError, OSError):
                 pass  # the child exited; its sentinel tells the rest
+            except Exception as exc:  # noqa: BLE001 - a garbled message must not stop the supervisor
+                log.warning("dropped an unreadable message from a child: %s", type(exc).__name__)
         return messages
 
     def _reap(self, child: Child) -> None:
@@ -275,6 +282,12 @@ class Supervisor:
                 return EXIT_FORCED
             log.info("stopped")
             return EXIT_OK if clean else EXIT_FORCED
+        except Exception as exc:
+            # Whatever went wrong here, no poller may go on relaying with nobody to stop or
+            # restart it: they drain and stop as on SIGTERM.
+            log.error("pool start failed, stopping the pollers: %s: %s", type(exc).__name__, exc)
+            self._stop_all(time.monotonic() + self.shutdown_timeout)
+            return EXIT_CHILD_FAILED
         finally:
             hold.close()
             if owned_dir:

@@ -9,6 +9,7 @@ conf=${1:-supervisord.conf}
 [ -f "$conf" ] || { echo "run-supervisord: no such file: $conf" >&2; exit 2; }
 [ -n "${PULSE_WORKERS:-}" ] || { echo "run-supervisord: set PULSE_WORKERS, the number of pollers" >&2; exit 2; }
 here=$(cd "$(dirname "$conf")" && pwd)
-rm -rf "$here/metrics"
 mkdir -p "$here/metrics"
+# Only pool's own files (named after poller slots, see pool/metrics_dir.py): the folder may hold others.
+rm -f -- "$here"/metrics/*_poller-[0-9]*.db
 exec supervisord -c "$conf" -n

@@ -45,7 +45,7 @@ class PgNotifyListener:
         """LISTEN now, before the first claim, so no insert after that claim goes unnoticed."""
         try:
             self._connect()
-        except psycopg.Error as exc:
+        except Exception as exc:  # noqa: BLE001 - polling goes on without it; a dead waker must not stop it
             log.debug("notify listener could not connect yet: %s", type(exc).__name__)
 
     def wait(self, seconds: float, stop: Callable[[], bool]) -> bool:
@@ -65,7 +65,7 @@ class PgNotifyListener:
                     for _ in conn.notifies(timeout=0.001):
                         pass
                     return True
-            except psycopg.Error as exc:
+            except Exception as exc:  # noqa: BLE001 - polling goes on without it; a dead waker must not stop it
                 # Polling still guarantees progress; the next wait reconnects.
                 log.debug("notify listener lost its connection: %s", type(exc).__name__)
                 self.close()
@@ -78,7 +78,7 @@ class PgNotifyListener:
         commit of a NOTIFY costs nothing that matters."""
         try:
             self._connect().execute("SELECT pg_notify(%s, '')", (self._channel,))
-        except psycopg.Error as exc:
+        except Exception as exc:  # noqa: BLE001 - polling goes on without it; a dead waker must not stop it
             # The others still find the rows on their own timers.
             log.debug("could not wake the other pollers: %s", type(exc).__name__)
             self.close()
