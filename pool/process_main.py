@@ -34,8 +34,9 @@ def _stop_on_signals(stop: StopSignal) -> None:
     # Reloads come from the supervisor over the pipe; a hangup of the whole process group
     # (a closed terminal) must not end the children by default.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # The supervisor blocks these while spawning, and a spawned child inherits that mask.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    # The supervisor blocks it while spawning, and a spawned child inherits that mask (SIGTERM
+    # and SIGINT stay blocked: the relay takes them).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
 def _on_reload(events: Connection, apply: Callable[[dict[str, Any]], None],

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pool.coordinator import reset_metrics_dir
+from pool.metrics_dir import reset_metrics_dir
 from pool.poller_slot import SlotTaken, claim_slot, current_member, slots_in_use
 
 
