@@ -431,6 +431,9 @@ class Poller:
         # Alive, and with these settings: said on every turn, paused or failing ones too.
         self.hooks.loop(self.settings, len(self.shard_source.held))
         if self._must_pause():
+            # A paused poller still heartbeats its membership and renews its shard leases: it
+            # resumes on its own shards, and status does not count it gone.
+            self.shard_source.shards()
             self.stop.wait(min(self.settings.poll_interval, DEPTH_CHECK_INTERVAL))
             return None
         return self.run_once()

@@ -467,6 +467,26 @@ def test_a_poller_paused_by_backpressure_still_reports_that_it_is_alive(check_ev
     assert hooks.claims == [(1, 0)]
 
 
+def test_a_paused_poller_keeps_its_membership_and_shard_leases(check_every_call: None) -> None:
+    # Membership heartbeats and shard-lease renewals happen in shards(): a paused poller that
+    # skipped it looked gone in status, and its shards' leases lapsed.
+    class Keeper(FixedShards):
+        def __init__(self) -> None:
+            super().__init__(64, [1, 2])
+            self.asked = 0
+
+        def shards(self) -> list[int]:
+            self.asked += 1
+            return self.held
+
+    keeper, stop = Keeper(), RecordingStop()
+    store = FakeStore([make_rows(1)])
+    store.on_claim = lambda n: stop.request()
+    probe = ScriptedProbe([20, 20, 20, 1])
+    make_poller(store, stop=stop, shards=keeper, probe=probe, backpressure_high=10, backpressure_low=5).run()
+    assert keeper.asked == 4  # three paused turns and the one that claimed
+
+
 def test_each_batch_is_settled_under_its_own_lease() -> None:
     store = FakeStore([make_rows(1, 2), make_rows(3)])
     poller = make_poller(store)
