@@ -47,7 +47,7 @@ BAD_INPUTS = {
                                      "PULSE_DB_POLL_INTERVAL must be between"),
     "a queue name that is not UTF-8": (["start"], {"PULSE_QUEUE": "q\udcff"}, "PULSE_QUEUE must be"),
     "a metrics host that is not UTF-8": (["start"], {"PULSE_METRICS_HOST": "h\udcff"},
-                                         "PULSE_METRICS_HOST must be a host name"),
+                                         "PULSE_METRICS_HOST must be an IP address"),
     "settings file that is not UTF-8": (["start"], {"PULSE_CONFIG": "latin1.toml"}, "is not UTF-8"),
     "settings file that is a directory": (["start"], {"PULSE_CONFIG": "."}, "cannot read"),
 }
