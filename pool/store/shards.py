@@ -102,14 +102,25 @@ class ShardLeaseTables:
             # Each process has a name of its own, so a conflict is this process beating again.
             f" ON CONFLICT (member) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
         )
-        forget = self._statement(f"DELETE FROM {members} WHERE heartbeat_at < {self._minus_seconds('stale')}")
+        # Members silent for 3 ttl are gone. So is, after one ttl, an earlier process of this
+        # member's own host and slot (a poller or a whole host killed and started again): its
+        # shard leases have expired, and a ghost of it would linger in status for 3 ttl, or for
+        # good once every poller has stopped. A twin that still beats (a duplicate host id) stays.
+        forget = self._statement(
+            f"DELETE FROM {members} WHERE heartbeat_at < {self._minus_seconds('stale')}"
+            f" OR (substr(member, 1, :slot_length) = :slot_prefix AND member <> :member"
+            f" AND heartbeat_at < {self._minus_seconds('ttl')})"
+        )
         live = self._statement(
             f"SELECT member FROM {members} WHERE heartbeat_at >= {self._minus_seconds('ttl')} ORDER BY member"
         )
 
         def beat(conn: Connection) -> list[str]:
             conn.execute(upsert, {"member": member, "host": host, "pid": pid})
-            conn.execute(forget, {"stale": 3 * ttl})
+            parts = member.split("/")  # "<host id>/<slot>/<nonce>"
+            slot_prefix = "/".join(parts[:2]) + "/" if len(parts) == 3 else member + "/"
+            conn.execute(forget, {"stale": 3 * ttl, "ttl": ttl, "member": member,
+                                  "slot_prefix": slot_prefix, "slot_length": len(slot_prefix)})
             return [r[0] for r in conn.execute(live, {"ttl": ttl})]
 
         return self._one_statement(beat)

@@ -46,6 +46,25 @@ def test_membership_lists_live_members_sorted(store):
         ("a/poller-0", "a", 12, True), ("b/poller-0", "b", 11, True)]
 
 
+def test_a_restarted_process_forgets_its_silent_predecessor_after_one_ttl(store):
+    # A host killed and started again: its new poller-0 must not leave the old one as a ghost
+    # for 3 ttl (or for good, once every poller has stopped and nobody forgets it).
+    ttl = 1.5
+    store.member_heartbeat("h/poller-0/old", "h", 1, ttl)
+    store.member_heartbeat("h/poller-1/other", "h", 2, ttl)
+
+    def members_after_a_beat() -> list[str] | None:
+        store.member_heartbeat("h/poller-0/twin", "h", 3, ttl)  # a live duplicate stays
+        store.member_heartbeat("h/poller-0/new", "h", 4, ttl)
+        names = [m.member for m in store.cluster(ttl)[0]]
+        return None if "h/poller-0/old" in names else names
+
+    # Within 2 ttl (everything silent is forgotten only after 3 ttl): one ttl plus a beat.
+    names = wait_until(members_after_a_beat, timeout=2 * ttl + 0.5, interval=0.1,
+                       message="the old poller-0 forgotten")
+    assert names == ["h/poller-0/new", "h/poller-0/twin", "h/poller-1/other"]  # another slot stays
+
+
 def test_a_held_shard_is_not_taken_until_released_or_expired(store):
     assert store.sync_shards("a", range(8), 30) == list(range(8))
     assert store.sync_shards("b", [4, 5, 6, 7], 30) == []  # a still holds them
