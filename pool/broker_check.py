@@ -16,6 +16,9 @@ from pool.redact import redact_text, redact_url
 log = logging.getLogger(__name__)
 
 
+CHECK_TIMEOUT = 1.0  # seconds per try of the start-up check
+
+
 def is_configuration_error(exc: BaseException) -> bool:
     """Whether no retry can fix this: a URL the transport cannot read, wrong credentials, an
     unknown vhost or Redis database number. Refusals, timeouts and resets are not."""
@@ -56,6 +59,14 @@ def check_broker(settings: Settings) -> str | None:
     where = f"broker {redact_url(settings.broker_url)}"
     try:
         connection = create_celery_app(settings).connection_for_write()
+        # A broker that accepts TCP but never answers held start-up for the transport's whole
+        # retry budget (12 s on Redis); short tries tell a refusal from silence, and silence is
+        # only a warning.
+        connection = connection.clone(
+            connect_timeout=CHECK_TIMEOUT,
+            transport_options={**connection.transport_options, "socket_timeout": CHECK_TIMEOUT,
+                               "socket_connect_timeout": CHECK_TIMEOUT},
+        )
     except Exception as exc:  # noqa: BLE001 - classified below
         raise ConfigError(f"{where}: {describe(exc, settings)}") from None
     try:
