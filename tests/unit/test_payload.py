@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -13,6 +14,17 @@ from pool.payload import DEFAULT_MAX_PAYLOAD_BYTES, PayloadError, build_payload,
 from pool.store import ClaimedRow, Unreadable
 
 AWARE = datetime(2024, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def far_from_utc(monkeypatch):
+    """Every test here runs in a time zone far from UTC: a naive time read as local time would
+    otherwise pass unnoticed on a machine set to UTC."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
 def row(
