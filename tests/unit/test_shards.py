@@ -7,6 +7,10 @@ the real SQL is tested against PostgreSQL and SQLite in tests/integration/test_s
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import pytest
@@ -84,6 +88,27 @@ def run(keepers: list[ShardKeeper], clock: Clock, seconds: float, step: float = 
         for keeper in keepers:
             keeper.shards()
         clock.now += step
+
+
+SHARE_IN_A_PROCESS = """
+import json, sys
+from pool.shards import desired_shards
+members, me = json.loads(sys.argv[1]), sys.argv[2]
+print(json.dumps(desired_shards(set(members), me, 64)))
+"""
+
+
+def test_every_process_computes_the_same_split_whatever_its_hash_seed() -> None:
+    # Pollers are separate processes with their own string hashing: a split that followed a
+    # set's order would differ between them, and some shards would be wanted by no poller.
+    members = [f"host-{h}/poller-{k}/{h}{k}ab" for h in "abc" for k in range(3)]
+    shares = []
+    for seed, me in enumerate(members):
+        done = subprocess.run([sys.executable, "-c", SHARE_IN_A_PROCESS, json.dumps(members), me],
+                              env={**os.environ, "PYTHONHASHSEED": str(seed + 1)}, capture_output=True,
+                              text=True, check=True)
+        shares.append(json.loads(done.stdout))
+    assert sorted(s for share in shares for s in share) == list(range(64))
 
 
 def test_desired_shares_are_disjoint_near_equal_and_cover_every_shard() -> None:
