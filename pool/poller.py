@@ -144,9 +144,11 @@ class LeaseHeartbeat:
     more CPU than a small batch's claim. It beats every lease/3 while a lease is held, and
     stops with close()."""
 
-    def __init__(self, store: SqlStore, lease_seconds: float) -> None:
+    def __init__(self, store: SqlStore, lease_seconds: float,
+                 clock: Callable[[], float] | None = None) -> None:
         self.store = store
         self.lease_seconds = lease_seconds
+        self.clock = clock or time.monotonic  # monotonic seconds; valid_until is on this clock
         self.valid_until = 0.0  # monotonic time until which our lease surely holds
         self._changed = threading.Condition()
         self._lease: Lease | None = None
@@ -156,7 +158,7 @@ class LeaseHeartbeat:
 
     @contextlib.contextmanager
     def holding(self, lease: Lease) -> Iterator[None]:
-        now = time.monotonic()
+        now = self.clock()
         self.valid_until = now + self.lease_seconds
         with self._changed:
             if self._thread is None:
@@ -175,14 +177,14 @@ class LeaseHeartbeat:
     def _beat(self) -> None:
         while True:
             with self._changed:
-                while not self._closed and (self._lease is None or time.monotonic() < self._next_beat):
-                    timeout = None if self._lease is None else self._next_beat - time.monotonic()
+                while not self._closed and (self._lease is None or self.clock() < self._next_beat):
+                    timeout = None if self._lease is None else self._next_beat - self.clock()
                     self._changed.wait(timeout)
                 if self._closed:
                     return
                 lease = self._lease
-                self._next_beat = time.monotonic() + self.lease_seconds / 3
-            started = time.monotonic()
+                self._next_beat = self.clock() + self.lease_seconds / 3
+            started = self.clock()
             try:
                 self.store.extend_lease(lease, self.lease_seconds)
             except Exception as exc:  # noqa: BLE001 - a dead heartbeat would let leases lapse silently
@@ -330,7 +332,7 @@ class Poller:
             try:
                 return action()
             except DBAPIError as exc:
-                if time.monotonic() + delay >= self.heartbeat.valid_until:
+                if self.heartbeat.clock() + delay >= self.heartbeat.valid_until:
                     raise
                 self.hooks.database_error()
                 log.warning("database error while settling a batch, retrying: %s", first_line(exc))

@@ -1030,6 +1030,83 @@ def test_heartbeat_keeps_beating_after_a_database_error() -> None:
     assert heartbeat_threads(others) == set()
 
 
+class SteppedClock:
+    """A monotonic clock that moves only when a test moves it."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def move_clock(heartbeat: LeaseHeartbeat, clock: SteppedClock, to: float) -> None:
+    clock.now = to
+    # The beat thread sleeps on real time until its next beat is due; have it read the clock now.
+    with heartbeat._changed:
+        heartbeat._changed.notify()
+
+
+class BeatRecordingStore(FakeStore):
+    """Notes the clock at each extension; each takes `round_trip` seconds of that clock."""
+
+    def __init__(self, clock: SteppedClock, round_trip: float = 0.0) -> None:
+        super().__init__()
+        self.clock = clock
+        self.round_trip = round_trip
+        self.beats: list[float] = []
+        self.beaten = threading.Condition()
+
+    def extend_lease(self, lease: Lease, lease_seconds: float) -> int:
+        with self.beaten:
+            self.beats.append(self.clock.now)
+            self.clock.now += self.round_trip
+            self.beaten.notify_all()
+        return 1
+
+    def wait_for_beats(self, count: int) -> list[float]:
+        with self.beaten:
+            self.beaten.wait_for(lambda: len(self.beats) >= count, timeout=5)
+            return list(self.beats)
+
+
+def test_heartbeat_beats_a_third_of_a_lease_after_the_claim_and_every_third_after() -> None:
+    # A beat only at the lease's end would come too late: any delay, and the rows are another's.
+    clock = SteppedClock(100.0)
+    store = BeatRecordingStore(clock)
+    heartbeat = LeaseHeartbeat(store, 30.0, clock=clock)
+    try:
+        with heartbeat.holding(Lease(owner="me", token=1)):
+            move_clock(heartbeat, clock, 109.9)
+            move_clock(heartbeat, clock, 110.0)
+            assert store.wait_for_beats(1) == [110.0], "no beat a third of the lease after the claim"
+            move_clock(heartbeat, clock, 119.9)
+            move_clock(heartbeat, clock, 120.0)
+            assert store.wait_for_beats(2) == [110.0, 120.0], "no beat a third of the lease after the last"
+    finally:
+        heartbeat.close()
+
+
+def test_heartbeat_counts_an_extended_lease_from_when_the_beat_began() -> None:
+    # The database set the new expiry at some moment of the round trip: the lease surely holds
+    # only a lease from its start. Counted from its end, a slow round trip would let settling
+    # retries go on writing after the rows could be another poller's.
+    clock = SteppedClock(100.0)
+    store = BeatRecordingStore(clock, round_trip=2.5)
+    heartbeat = LeaseHeartbeat(store, 30.0, clock=clock)
+    try:
+        with heartbeat.holding(Lease(owner="me", token=1)):
+            assert heartbeat.valid_until == 130.0
+            move_clock(heartbeat, clock, 110.0)
+            assert store.wait_for_beats(1) == [110.0]
+            deadline = time.monotonic() + 5
+            while heartbeat.valid_until == 130.0 and time.monotonic() < deadline:
+                time.sleep(0.001)  # the beat thread sets it right after the round trip
+            assert heartbeat.valid_until == 140.0
+    finally:
+        heartbeat.close()
+
+
 # --- StopSignal ----------------------------------------------------------------------
 
 
