@@ -212,3 +212,58 @@ def test_a_restarted_poller_takes_over_its_predecessors_shards_at_once() -> None
     c_again = ShardKeeper(store, "c", "poller-0", TTL, clock=clock)
     run([a, b_again, c_again], clock, 0.5)
     assert store.owners()[c.member] > 0
+
+
+def test_a_keeper_renews_every_third_of_a_short_ttl_and_retries_as_soon_after_a_failure() -> None:
+    # With a shard lease under 3 s, syncing only every second would let a lease that one missed
+    # sync puts at risk run out before the next try.
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    ttl = 1.5
+    keeper = ShardKeeper(store, "a", "poller-0", ttl, clock=clock)
+    keeper.shards()
+    clock.now += 0.1  # shares were moving: a second sync settles them
+    keeper.shards()
+    settled_at = store.heartbeats[keeper.member]
+    clock.now = settled_at + ttl / 3
+    keeper.shards()
+    assert store.heartbeats[keeper.member] == settled_at + ttl / 3, "no renewal a third of a ttl later"
+    store.failing = True
+    clock.now += ttl / 3
+    with pytest.raises(OperationalError):
+        keeper.shards()
+    clock.now += ttl / 3
+    with pytest.raises(OperationalError):  # tried again a third of a ttl after the failure
+        keeper.shards()
+
+
+class SlowLeaseStore(FakeLeaseStore):
+    """Each shard sync takes `round_trip` seconds of the clock."""
+
+    round_trip = 0.0
+
+    def sync_shards(self, member: str, desired: Sequence[int], ttl: float) -> list[int]:
+        held = super().sync_shards(member, desired, ttl)
+        self.clock.now += self.round_trip
+        return held
+
+
+def test_a_keeper_counts_its_leases_from_when_the_sync_began() -> None:
+    # The database renewed the leases at some moment of a slow round trip: they surely hold only
+    # a ttl from its start. Counted from its end, a keeper that can no longer renew would claim
+    # from shards that may already be another's.
+    clock = Clock()
+    store = SlowLeaseStore(clock)
+    keeper = ShardKeeper(store, "a", "poller-0", TTL, clock=clock)
+    run([keeper], clock, 1.0)
+    store.round_trip = 0.5
+    clock.now = store.heartbeats[keeper.member] + 1.0  # the next renewal is due
+    keeper.shards()
+    renewed_at = store.heartbeats[keeper.member]
+    store.failing = True
+    clock.now = renewed_at + TTL - 0.01
+    with pytest.raises(OperationalError):
+        keeper.shards()
+    assert len(keeper.shards()) == SHARDS  # still surely ours
+    clock.now = renewed_at + TTL + 0.01
+    assert keeper.shards() == [], "claims from shards whose leases may have run out"
