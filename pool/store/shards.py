@@ -1,13 +1,22 @@
 """Shard leases and membership: how pollers on any number of hosts share one table.
 
 Rows belong to shard `id % S`; S is fixed per table (recorded by `pool init-db`). Each poller
-heartbeats a row in the members table and holds leases on shards (owner, fencing token, expiry
-by the database clock). The SQL lives here; who should hold what is decided in pool/shards.py.
+heartbeats a row in the members table and holds leases on shards (owner and expiry by the
+database clock). The SQL lives here; who should hold what is decided in pool/shards.py.
+
+A shard lease carries no fencing token. It decides which poller looks for which rows, not who
+may write them: the row lease does that. Each claim stamps its rows with a fresh (owner, token)
+and an expiry; no other claim takes a row while that lease holds, and ack, nack, release and
+extend all require the token, so a poller that lost its shard (or stalled past its row lease)
+changes nothing in rows another poller has claimed since. A shard token checked on those writes
+would protect nothing more and would do harm: it would refuse the ack of rows the old holder
+still leases and has already published, and they would be published a second time. Nor can a
+token fence the publish itself: the broker knows none. Shard tables made by earlier versions
+keep a `token` column, which nothing reads or writes any more.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +27,7 @@ from sqlalchemy.engine import Connection
 from pool.errors import ConfigError
 
 # A shard row with no holder.
-FREE = "owner = NULL, token = NULL, expires_at = NULL"
+FREE = "owner = NULL, expires_at = NULL"
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class ShardLeaseTables:
                 f" PULSE_SHARDS={self.settings.shards} cannot change that (unset it)"
             )
         if not self._table_exists(conn, shards_name):
-            conn.execute(text(f"CREATE TABLE {shards} (shard INTEGER PRIMARY KEY, owner TEXT, token BIGINT,"
+            conn.execute(text(f"CREATE TABLE {shards} (shard INTEGER PRIMARY KEY, owner TEXT,"
                               f" expires_at {time_type})"))
             conn.execute(text(f"INSERT INTO {shards} (shard) VALUES (:s)"),
                          [{"s": s} for s in range(recorded)])
@@ -136,10 +145,7 @@ class ShardLeaseTables:
             expanding=("desired",))
         release_all = self._release_all_statement()
         take = self._statement(
-            # A shard kept by its holder keeps its token; one taken over gets a new one, which
-            # fences off anything the old holder still does under the old token.
-            f"UPDATE {shards} SET token = CASE WHEN owner = :member AND expires_at >= {now}"
-            f" THEN token ELSE :token END, owner = :member, expires_at = {self._plus_seconds('ttl')}"
+            f"UPDATE {shards} SET owner = :member, expires_at = {self._plus_seconds('ttl')}"
             f" WHERE shard IN :desired AND (owner = :member OR owner IS NULL OR expires_at < {now})",
             expanding=("desired",))
         held = self._statement(f"SELECT shard FROM {shards} WHERE owner = :member ORDER BY shard")
@@ -147,8 +153,7 @@ class ShardLeaseTables:
         def sync(conn: Connection) -> list[int]:
             if desired:
                 conn.execute(release, {"member": member, "desired": desired})
-                conn.execute(take, {"member": member, "desired": desired, "ttl": ttl,
-                                    "token": secrets.randbits(62)})
+                conn.execute(take, {"member": member, "desired": desired, "ttl": ttl})
             else:
                 conn.execute(release_all, {"member": member})
             return [int(r[0]) for r in conn.execute(held, {"member": member})]

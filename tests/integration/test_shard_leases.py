@@ -6,8 +6,10 @@ import pytest
 from sqlalchemy import text
 
 from pool.errors import ConfigError
+from pool.seeding import generate_signals
 from pool.store import open_store
-from tests.helpers import make_settings, wait_until
+from pool.store.base import Failure
+from tests.helpers import make_settings
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -23,9 +25,20 @@ def store(db_url):
     store.close()
 
 
-def tokens(store) -> dict[int, int]:
-    with store.engine.connect() as conn:
-        return {r[0]: r[1] for r in conn.execute(text("SELECT shard, token FROM signals_pool_shards"))}
+MEMBERS, SHARDS = "signals_pool_members", "signals_pool_shards"
+
+
+def set_time(store, table: str, column: str, seconds: float, where: str, **params) -> None:
+    """Set a time column `seconds` from now on the database's clock (negative: in the past):
+    time moved by writing it rather than waited out, so a loaded machine cannot blur a bound."""
+    shift = store._plus_seconds("s") if seconds >= 0 else store._minus_seconds("s")
+    with store.engine.begin() as conn:
+        conn.execute(text(f"UPDATE {table} SET {column} = {shift} WHERE {where}"),
+                     {"s": abs(seconds), **params})
+
+
+def silent_for(store, member: str, seconds: float) -> None:
+    set_time(store, MEMBERS, "heartbeat_at", -seconds, "member = :m", m=member)
 
 
 def test_init_db_records_the_shard_count_and_refuses_to_change_it(store, db_url):
@@ -49,20 +62,37 @@ def test_membership_lists_live_members_sorted(store):
 def test_a_restarted_process_forgets_its_silent_predecessor_after_one_ttl(store):
     # A host killed and started again: its new poller-0 must not leave the old one as a ghost
     # for 3 ttl (or for good, once every poller has stopped and nobody forgets it).
-    ttl = 1.5
-    store.member_heartbeat("h/poller-0/old", "h", 1, ttl)
-    store.member_heartbeat("h/poller-1/other", "h", 2, ttl)
+    ttl = 30.0
+    for member, pid in (("h/poller-0/old", 1), ("h/poller-0/twin", 2), ("h/poller-1/other", 3)):
+        store.member_heartbeat(member, "h", pid, ttl)
+    silent_for(store, "h/poller-0/old", ttl + 1)
+    silent_for(store, "h/poller-0/twin", ttl - 1)  # a duplicate host id that still beats: it stays
+    silent_for(store, "h/poller-1/other", ttl + 1)  # another slot is forgotten only after 3 ttl
+    assert store.member_heartbeat("h/poller-0/new", "h", 4, ttl) == ["h/poller-0/new", "h/poller-0/twin"]
+    names = [m.member for m in store.cluster(ttl)[0]]
+    assert names == ["h/poller-0/new", "h/poller-0/twin", "h/poller-1/other"]
 
-    def members_after_a_beat() -> list[str] | None:
-        store.member_heartbeat("h/poller-0/twin", "h", 3, ttl)  # a live duplicate stays
-        store.member_heartbeat("h/poller-0/new", "h", 4, ttl)
-        names = [m.member for m in store.cluster(ttl)[0]]
-        return None if "h/poller-0/old" in names else names
 
-    # Within 2 ttl (everything silent is forgotten only after 3 ttl): one ttl plus a beat.
-    names = wait_until(members_after_a_beat, timeout=2 * ttl + 0.5, interval=0.1,
-                       message="the old poller-0 forgotten")
-    assert names == ["h/poller-0/new", "h/poller-0/twin", "h/poller-1/other"]  # another slot stays
+def test_a_member_silent_for_just_over_a_ttl_is_no_longer_live_and_after_3_ttl_it_is_forgotten(store):
+    ttl = 30.0
+    over, under, kept, gone, me = (f"{host}/poller-0/{n}" for n, host in enumerate("abcde"))
+    for member in (over, under, kept, gone, me):
+        store.member_heartbeat(member, member[0], 1, ttl)
+    for member, silent in ((over, ttl + 1), (under, ttl - 1), (kept, 3 * ttl - 1), (gone, 3 * ttl + 1)):
+        silent_for(store, member, silent)
+    # Only live members share the shards: one counted live too long keeps shards nobody works on.
+    assert store.member_heartbeat(me, "e", 5, ttl) == [under, me]
+    assert {m.member: m.live for m in store.cluster(ttl)[0]} == {over: False, under: True, kept: False,
+                                                                 me: True}
+
+
+def test_a_silent_members_shards_are_free_once_their_leases_run_out_and_not_before(store):
+    assert store.sync_shards("a", range(4), 30) == [0, 1, 2, 3]
+    set_time(store, SHARDS, "expires_at", -1, "shard IN (0, 1)")
+    set_time(store, SHARDS, "expires_at", 1, "shard IN (2, 3)")
+    assert store.sync_shards("b", range(4), 30) == [0, 1]
+    assert [o.owner for o in store.cluster(30)[1]][:4] == ["b", "b", "a", "a"]
+    assert store.sync_shards("a", range(4), 30) == [2, 3]  # a renews what it still holds
 
 
 def test_a_held_shard_is_not_taken_until_released_or_expired(store):
@@ -75,17 +105,40 @@ def test_a_held_shard_is_not_taken_until_released_or_expired(store):
     assert all(o.expires_in_seconds and 0 < o.expires_in_seconds <= 30 for o in owners)
 
 
-def test_renewal_keeps_the_token_and_a_takeover_after_expiry_gets_a_new_one(store):
-    store.sync_shards("a", [0, 1], 1.0)
-    first = tokens(store)
-    store.sync_shards("a", [0, 1], 1.0)
-    assert tokens(store) == first  # kept by its holder: same fencing token
-    # On the database clock, a's leases run out; b takes the shards with fresh tokens.
-    taken = wait_until(lambda: store.sync_shards("b", [0, 1], 30) or None, timeout=10, interval=0.2,
-                       message="a's leases to expire")
-    assert taken == [0, 1]
-    assert tokens(store)[0] != first[0] and tokens(store)[1] != first[1]
-    assert store.sync_shards("a", [0, 1], 30) == []
+def test_a_poller_that_lost_its_shard_can_neither_take_nor_settle_rows_claimed_since(store):
+    """What fences a poller whose shard was taken over is the row lease, not the shard lease
+    (pool/store/shards.py says why there is no shard token): rows it claimed stay its own while
+    their lease holds, and once they were claimed again it can no longer touch them."""
+    store.insert_signals(list(generate_signals(24, seed=3)))  # shard 0 of 8: ids 8, 16, 24
+    assert store.sync_shards("a", [0], 30) == [0]
+    a = store.claim("a", 8, [0], 2, 30)
+    assert [r.id for r in a.rows] == [8, 16]
+    # a stalls: its shard lease runs out and b takes the shard over.
+    set_time(store, SHARDS, "expires_at", -1, "shard = 0")
+    assert store.sync_shards("b", [0], 30) == [0]
+    b = store.claim("b", 8, [0], 10, 30)
+    assert [r.id for r in b.rows] == [24]  # not a's rows: their lease still holds
+    assert store.claim("a", 8, [0], 10, 30).rows == []  # a, still believing it holds shard 0
+    assert store.ack(a.lease, [8]) == 1  # published under a lease that held: a settles it
+    # a stalls past its row lease too: b claims row 16 again and publishes it.
+    set_time(store, "signals", "lease_until", -1, "id = 16")
+    again = store.claim("b", 8, [0], 10, 30)
+    assert [r.id for r in again.rows] == [16] and again.reclaimed == 1
+    failure = Failure(id=16, error="late", retry_in=0, dead=True)
+    assert (store.ack(a.lease, [16]), store.nack(a.lease, [failure]), store.release(a.lease, [16]),
+            store.extend_lease(a.lease, 30)) == (0, 0, 0, 0)
+    assert store.ack(again.lease, [16]) == 1 and store.ack(b.lease, [24]) == 1
+    assert store.counts().processed == 3
+
+
+def test_a_shards_table_of_an_earlier_version_with_a_token_column_still_works(store):
+    with store.engine.begin() as conn:
+        conn.execute(text(f"ALTER TABLE {SHARDS} ADD COLUMN token BIGINT"))
+        conn.execute(text(f"UPDATE {SHARDS} SET token = 7"))
+    assert store.sync_shards("a", range(8), 30) == list(range(8))
+    assert store.sync_shards("a", [0, 1], 30) == [0, 1]
+    store.leave("a")
+    assert store.sync_shards("b", range(8), 30) == list(range(8))
 
 
 def test_leave_releases_everything_and_forgets_the_member(store):
