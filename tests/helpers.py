@@ -166,3 +166,32 @@ def make_settings(**overrides):
     from pool.config import load_settings
 
     return load_settings(environ={}, overrides=overrides)
+
+
+def set_time(store, table: str, column: str, seconds: float, where: str, **params) -> None:
+    """Set a time column `seconds` from now on the database's clock (negative: in the past):
+    time moved by writing it rather than waited out, so a loaded machine cannot blur a bound."""
+    from sqlalchemy import text
+
+    shift = store._plus_seconds("s") if seconds >= 0 else store._minus_seconds("s")
+    with store.engine.begin() as conn:
+        conn.execute(text(f"UPDATE {table} SET {column} = {shift} WHERE {where}"),
+                     {"s": abs(seconds), **params})
+
+
+class SteppedClock:
+    """A monotonic clock that moves only when a test moves it."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def move_clock(heartbeat, clock: SteppedClock, to: float) -> None:
+    """Move a LeaseHeartbeat's clock to `to` and have its beat thread look at it."""
+    clock.now = to
+    # The beat thread sleeps on real time until its next beat is due; have it read the clock now.
+    with heartbeat._changed:
+        heartbeat._changed.notify()

@@ -13,7 +13,16 @@ from pool.publisher import Publisher
 from pool.seeding import generate_signals
 from pool.store import open_store
 from pool.store.base import Lease
-from tests.helpers import clean_env, make_settings, redis_messages, run_pool, wait_until
+from tests.helpers import (
+    SteppedClock,
+    clean_env,
+    make_settings,
+    move_clock,
+    redis_messages,
+    run_pool,
+    set_time,
+    wait_until,
+)
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -133,15 +142,22 @@ def test_heartbeat_keeps_a_long_batch_leased_past_its_first_expiry(db_url):
     store = open_store(make_settings(db_url=db_url))
     store.init_schema()
     store.insert_signals(list(generate_signals(3, seed=6)))
-    claim = store.claim("slow", 1, 0, 10, 1.0)
-    first_expiry = lease_until(store, 1)
-    heartbeat = LeaseHeartbeat(store, 1.0)
+    lease = 30.0
+    claim = store.claim("slow", 1, 0, 10, lease)
+    clock = SteppedClock(0.0)
+    heartbeat = LeaseHeartbeat(store, lease, clock=clock)
+    extended = text(f"SELECT COUNT(*) FROM signals WHERE lease_until > {store._plus_seconds('s')}")
     with heartbeat.holding(claim.lease):
-        # Wait, on the database clock, past the claim's own expiry.
-        wait_until(lambda: db_now(store) > first_expiry, timeout=10, interval=0.05,
-                   message="the first expiry to pass")
-        assert lease_until(store, 1) > first_expiry
-        assert store.claim("thief", 1, 0, 10, 30).rows == []
+        # A third of the lease passes at a time, on the heartbeat's clock and on the database's
+        # (the rows' expiry written a third closer rather than waited for): three thirds reach
+        # the claim's own expiry. A short real lease would instead lapse whenever a loaded
+        # machine held up the beat.
+        for third in (1, 2, 3):
+            set_time(store, "signals", "lease_until", lease * 2 / 3, "lease_owner = 'slow'")
+            move_clock(heartbeat, clock, third * lease / 3)
+            wait_until(lambda: rows_leased_beyond(store, extended, lease * 5 / 6) == 3, timeout=10,
+                       interval=0.02, message=f"the beat after third {third} of the lease")
+            assert store.claim("thief", 1, 0, 10, lease).rows == []
     heartbeat.close()
     assert store.ack(claim.lease, [1, 2, 3]) == 3
     store.close()
@@ -162,10 +178,8 @@ def test_a_stale_lease_cannot_release_nack_or_extend_rows_held_by_another(db_url
     store.close()
 
 
-def lease_until(store, row_id: int):
+def rows_leased_beyond(store, statement, seconds: float) -> int:
+    # A connection per look: on SQLite an open transaction would hold the write lock the
+    # heartbeat needs.
     with store.engine.connect() as conn:
-        return conn.execute(text("SELECT lease_until FROM signals WHERE id = :i"), {"i": row_id}).scalar_one()
-
-
-def db_now(store):
-    return store.db_now()
+        return conn.execute(statement, {"s": seconds}).scalar_one()

@@ -9,7 +9,7 @@ from pool.errors import ConfigError
 from pool.seeding import generate_signals
 from pool.store import open_store
 from pool.store.base import Failure
-from tests.helpers import make_settings
+from tests.helpers import make_settings, set_time
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -26,15 +26,6 @@ def store(db_url):
 
 
 MEMBERS, SHARDS = "signals_pool_members", "signals_pool_shards"
-
-
-def set_time(store, table: str, column: str, seconds: float, where: str, **params) -> None:
-    """Set a time column `seconds` from now on the database's clock (negative: in the past):
-    time moved by writing it rather than waited out, so a loaded machine cannot blur a bound."""
-    shift = store._plus_seconds("s") if seconds >= 0 else store._minus_seconds("s")
-    with store.engine.begin() as conn:
-        conn.execute(text(f"UPDATE {table} SET {column} = {shift} WHERE {where}"),
-                     {"s": abs(seconds), **params})
 
 
 def silent_for(store, member: str, seconds: float) -> None:

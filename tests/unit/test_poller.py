@@ -33,6 +33,7 @@ from pool.poller import (
 from pool.publisher import PublishResult
 from pool.store import Claim, ClaimedRow, Lease
 from pool.store.base import Failure
+from tests.helpers import SteppedClock, move_clock
 
 IDENTITY = PollerIdentity(owner="host:123:0", index=1, shard_count=3)
 
@@ -1028,23 +1029,6 @@ def test_heartbeat_keeps_beating_after_a_database_error() -> None:
         assert store.extended.wait(10), "the heartbeat gave up after one failed extension"
     heartbeat.close()
     assert heartbeat_threads(others) == set()
-
-
-class SteppedClock:
-    """A monotonic clock that moves only when a test moves it."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def move_clock(heartbeat: LeaseHeartbeat, clock: SteppedClock, to: float) -> None:
-    clock.now = to
-    # The beat thread sleeps on real time until its next beat is due; have it read the clock now.
-    with heartbeat._changed:
-        heartbeat._changed.notify()
 
 
 class BeatRecordingStore(FakeStore):
