@@ -172,31 +172,46 @@ def test_configuration_errors_exit_2_with_one_line_and_no_password(problem, expe
 def test_sigkilled_pollers_lose_nothing_and_duplicate_at_most_a_batch_per_kill(pg_url, redis_url,
                                                                                queue_name, tmp_path):
     rows, batch = 20_000, 50
+    # A long row lease: a survivor's batch never lapses because a loaded machine held up its
+    # heartbeat, so every duplicate is a killed poller's. Its own leases are expired by the test
+    # once it is dead, as waiting them out would.
     env = clean_env(PULSE_DB_URL=pg_url, PULSE_BROKER_URL=redis_url, PULSE_QUEUE=queue_name,
-                    PULSE_BATCH_SIZE=str(batch), PULSE_LEASE_SECONDS="2")
+                    PULSE_BATCH_SIZE=str(batch), PULSE_LEASE_SECONDS="30")
     assert run_pool("seed", "--count", str(rows), env=env, cwd=tmp_path).returncode == 0
     pool = PoolProcess("start", "--workers", "4", "--metrics-port", "0", env=env, cwd=tmp_path)
     kills = 0
     try:
         pool.wait_for_line(r"ready: 4 pollers")
-        killed: set[int] = set()
+        killed: dict[int, str] = {}  # pid -> member name
         with psycopg.connect(pg_url, autocommit=True) as conn:
-            def a_poller_holding_a_batch() -> int | None:
+            def a_poller_holding_a_batch() -> tuple[int, str] | None:
                 # Which poller holds rows moves with the shard shares: take whichever does now.
                 # A row lease's owner is the poller's member name; the members table has its pid.
-                owners = conn.execute("SELECT DISTINCT m.pid FROM signals s JOIN signals_pool_members m"
-                                      " ON m.member = s.lease_owner WHERE s.processed = 0").fetchall()
-                pids = {pid for (pid,) in owners} - killed
-                return min(pids) if pids else None
+                owners = conn.execute("SELECT DISTINCT m.pid, m.member FROM signals s"
+                                      " JOIN signals_pool_members m ON m.member = s.lease_owner"
+                                      " WHERE s.processed = 0").fetchall()
+                alive = sorted((pid, member) for pid, member in owners if pid not in killed)
+                return alive[0] if alive else None
+
+            def expire_the_killed_pollers_leases() -> None:
+                # Again on every look: a claim sent just before a kill may commit after it.
+                conn.execute("UPDATE signals SET lease_until = clock_timestamp() WHERE lease_owner = ANY(%s)"
+                             " AND processed = 0 AND lease_until > clock_timestamp()",
+                             (list(killed.values()),))
 
             for _ in range(3):
-                target = wait_until(a_poller_holding_a_batch, timeout=30, interval=0.01,
-                                    message="a poller holding a batch")
+                target, member = wait_until(a_poller_holding_a_batch, timeout=30, interval=0.01,
+                                            message="a poller holding a batch")
                 os.kill(target, signal.SIGKILL)
-                killed.add(target)
+                killed[target] = member
                 kills += 1
-        wait_until(lambda: status(env, tmp_path)["unprocessed"] == 0, timeout=180,
-                   message="every row relayed after the kills")
+                expire_the_killed_pollers_leases()
+
+            def relayed() -> bool:
+                expire_the_killed_pollers_leases()
+                return status(env, tmp_path)["unprocessed"] == 0
+
+            wait_until(relayed, timeout=180, message="every row relayed after the kills")
         assert stop_pool(pool) == 0
     finally:
         pool.kill()
