@@ -94,6 +94,11 @@ def test_the_contract_is_read_from_the_code() -> None:
             "pool_backlog_shard_rows", "pool_status_refresh_timestamp_seconds"} <= KNOWN_METRICS
 
 
+def test_the_readme_describes_every_metric() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert {name for name in KNOWN_METRICS if f"`{name}" not in readme} == set()
+
+
 def test_the_contract_name_helpers() -> None:
     assert contract_name("pool_batch_duration_seconds_bucket") == "pool_batch_duration_seconds"
     assert contract_name("pool_batch_size_rows_count") == "pool_batch_size_rows"
