@@ -10,5 +10,20 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
         || echo "test.sh: could not install chromium; the status page test says what it needs" >&2
 fi
+# The alert rules and dashboard queries are checked with promtool. Only that binary is taken from
+# Debian's prometheus package, into the venv: installing the package would also start a Prometheus
+# daemon on :9090 wherever an init system runs (its postinst does) and needs root.
+if ! command -v promtool >/dev/null && [ ! -x .venv/bin/promtool ] && command -v apt-get >/dev/null; then
+    scratch=$(mktemp -d)
+    chmod 755 "$scratch"  # apt's download user writes there when run as root
+    if (cd "$scratch" && apt-get download -q prometheus >/dev/null 2>&1 \
+            && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool >promtool \
+            && chmod 755 promtool && ./promtool --version >/dev/null 2>&1); then
+        mv "$scratch/promtool" .venv/bin/promtool
+    else
+        echo "test.sh: could not fetch promtool; the promtool tests say what they need" >&2
+    fi
+    rm -rf "$scratch"
+fi
 .venv/bin/ruff check .
 .venv/bin/pytest "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import queue
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 POOL = [sys.executable, "-m", "pool"]
@@ -43,13 +44,14 @@ def row_counts(env: Mapping[str, str], cwd: Path | str | None = None) -> dict[st
 
 
 class PoolProcess:
-    """A long-running pool command whose combined output is read line by line."""
+    """A long-running pool command (or another `program`) whose combined output is read line by line."""
 
-    def __init__(self, *args: str, env: Mapping[str, str], cwd: Path | str | None = None) -> None:
+    def __init__(self, *args: str, env: Mapping[str, str], cwd: Path | str | None = None,
+                 program: Sequence[str] = POOL) -> None:
         self.lines: list[str] = []
         self._new: queue.Queue[str] = queue.Queue()
         self.proc = subprocess.Popen(
-            [*POOL, *args], env=dict(env), cwd=cwd, stdout=subprocess.PIPE,
+            [*program, *args], env=dict(env), cwd=cwd, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -77,6 +79,20 @@ class PoolProcess:
             if match := regex.search(line):
                 return match
         raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines[-50:]))
+
+    def wait_for_lines(self, pattern: str, count: int, timeout: float = 60) -> list[re.Match]:
+        """The first `count` lines matching `pattern`, once that many have been written."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [match for line in list(self.lines) if (match := regex.search(line))]
+            if len(found) >= count:
+                return found[:count]
+            if time.monotonic() > deadline or (self.proc.poll() is not None and self._new.empty()):
+                raise AssertionError(f"{len(found)} of {count} lines matching {pattern!r}; output:\n"
+                                     + "\n".join(self.lines[-50:]))
+            with contextlib.suppress(queue.Empty):  # a new line, or a look at whether it ended
+                self._new.get(timeout=0.2)
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)

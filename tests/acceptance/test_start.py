@@ -164,6 +164,61 @@ def test_a_second_signal_stops_at_once_even_with_a_batch_in_flight(tmp_path):
     assert counts(env, tmp_path) == {"processed": 0, "unprocessed": 10, "dead": 0}
 
 
+def test_a_poller_stuck_past_the_shutdown_timeout_is_killed_and_pool_start_exits_3(pg_url, tmp_path):
+    # One SIGTERM only: the poller cannot finish a claim that waits on a lock the test holds.
+    env = clean_env(PULSE_DB_URL=pg_url)
+    assert run_pool("init-db", env=env, cwd=tmp_path).returncode == 0
+    pool = PoolProcess("start", "--workers", "1", "--metrics-port", "0", "--shutdown-timeout", "1",
+                       env=env, cwd=tmp_path)
+    try:
+        pool.wait_for_line(r"ready: 1 pollers")
+        with psycopg.connect(pg_url) as lock:
+            lock.execute("LOCK TABLE signals IN ACCESS EXCLUSIVE MODE")
+            me = lock.info.backend_pid
+            with psycopg.connect(pg_url, autocommit=True) as look:
+                def claim_waits() -> bool:
+                    return look.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+                        " AND query ILIKE %s", (me, "%SKIP LOCKED%")).fetchone()[0] > 0
+
+                wait_until(claim_waits, timeout=30, message="the poller's claim waiting on the lock")
+            pool.signal(signal.SIGTERM)
+            code = pool.wait(timeout=30)
+    finally:
+        pool.kill()
+    assert code == 3, pool.output()
+    assert "poller-0 did not stop within the shutdown timeout; killing it" in pool.output()
+
+
+def test_a_poller_killed_before_it_is_ready_stops_pool_start_with_exit_1(tmp_path):
+    # Today's rule (issue 12 changes it: such a poller is to be restarted): a child that dies
+    # before it first reports ready makes pool start stop every child and exit 1.
+    env = clean_env()
+    assert run_pool("init-db", env=env, cwd=tmp_path).returncode == 0
+    pool = PoolProcess("start", "--workers", "1", "--metrics-port", "0", env=env, cwd=tmp_path)
+    try:
+        coordinator = int(pool.wait_for_line(r"started coordinator \(pid (\d+)\)")[1])
+        # A spawned poller takes a second of imports before it can report ready.
+        poller = int(pool.wait_for_line(r"started poller-0 \(pid (\d+)\)")[1])
+        os.kill(poller, signal.SIGKILL)
+        code = pool.wait(timeout=60)
+    finally:
+        pool.kill()
+    output = pool.output()
+    assert code == 1, output
+    assert "poller-0 exited before it was ready" in output
+    assert "ready: 1 pollers" not in output
+    assert not pid_running(coordinator), "the coordinator outlived pool start"
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def leased_rows(db_path) -> int:
     with closing(sqlite3.connect(db_path)) as conn:
         return conn.execute("SELECT COUNT(*) FROM signals WHERE lease_owner IS NOT NULL").fetchone()[0]
