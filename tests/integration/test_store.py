@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
+import traceback
+from collections import Counter
+from functools import partial
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from pool.seeding import generate_signals
 from pool.store import open_store
-from pool.store.base import Failure
+from pool.store.base import Failure, Lease, first_line
 from tests.helpers import make_settings, wait_until
 
 
@@ -79,6 +84,76 @@ def test_concurrent_claims_never_hand_out_a_row_twice(store):
         t.join(timeout=60)
     ids = [i for batch in taken for i in batch]
     assert sorted(ids) == list(range(1, 601))
+
+
+def claim_and_ack_until_empty(db_url: str, name: str, start, results) -> None:
+    """One poller process's share of the work: claim and ack batches until none is left.
+
+    Its own store, engine and connection, as in `pool start`; the barrier makes the four
+    processes claim at the same moment rather than one after the other as they boot. A database
+    error is retried, as the poller does, and reported: the test fails on any, but only after
+    counting hand-outs, which say what went wrong."""
+    errors: list[str] = []
+    taken: list[int] = []
+
+    def retried(action):
+        while True:
+            try:
+                return action()
+            except DBAPIError as exc:
+                errors.append(first_line(exc))
+                if len(errors) >= 500:  # not a passing conflict: give up
+                    raise
+
+    try:
+        store = open_store(make_settings(db_url=db_url))
+        # Open the store's kept connection before the barrier, so the first claims overlap.
+        store.extend_lease(Lease(owner=name, token=0), 1)
+        start.wait(timeout=60)
+        while (claim := retried(partial(store.claim, name, 1, 0, 25, 30))).rows:
+            ids = [r.id for r in claim.rows]
+            taken += ids
+            retried(partial(store.ack, claim.lease, ids))
+        store.close()
+        results.put((taken, errors, None))
+    except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+        results.put((taken, errors, traceback.format_exc()))
+
+
+def test_pollers_in_separate_processes_never_hand_out_a_row_twice(pg_url):
+    # The real layout: each poller is a process with its own store, so the database alone (FOR
+    # UPDATE SKIP LOCKED) keeps two concurrent claims from leasing the same row. The threaded test
+    # above shares one store, whose lock lets only one claim run at a time.
+    rows, processes = 4000, 4
+    store = open_store(make_settings(db_url=pg_url))
+    store.init_schema()
+    seed(store, rows)
+    store.close()  # no pooled connection may cross into the forked children
+    # Forked, not spawned: each child still opens its own store, and starts in milliseconds
+    # rather than importing SQLAlchemy anew (seconds on a loaded machine).
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=claim_and_ack_until_empty, args=(pg_url, f"p{i}", start, results))
+               for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    try:
+        reports = [results.get(timeout=120) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+    handed_out = Counter(i for taken, _, _ in reports for i in taken)
+    twice = sorted(i for i, n in handed_out.items() if n > 1)
+    assert not twice, f"{handed_out.total()} hand-outs of {rows} rows; {len(twice)} rows more than once"
+    crashes = [crash for _, _, crash in reports if crash]
+    assert not crashes, crashes[0]
+    assert sorted(handed_out) == list(range(1, rows + 1))
+    errors = [error for _, errors, _ in reports for error in errors]
+    assert not errors, f"{len(errors)} database errors, e.g. {errors[0]}"
+    assert store.counts().processed == rows
+    store.close()
 
 
 def test_ack_marks_processed_only_under_the_current_lease(store):
