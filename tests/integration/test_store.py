@@ -8,6 +8,7 @@ import traceback
 from collections import Counter
 from functools import partial
 
+import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -154,6 +155,31 @@ def test_pollers_in_separate_processes_never_hand_out_a_row_twice(pg_url):
     assert not errors, f"{len(errors)} database errors, e.g. {errors[0]}"
     assert store.counts().processed == rows
     store.close()
+
+
+def test_a_claim_passes_over_rows_another_transaction_holds_locked(pg_url):
+    # Another poller's claim in flight, or a prune's delete, holds rows locked for a moment. A
+    # claim must take the next rows, not queue behind that lock: waiting (FOR UPDATE without
+    # SKIP LOCKED) serialises the pollers and lets two claims deadlock.
+    store = open_store(make_settings(db_url=pg_url))
+    store.init_schema()
+    seed(store, 20)
+    claimed: list[list[int]] = []
+
+    def claim() -> None:
+        claimed.append([r.id for r in store.claim("a", 1, 0, 10, 30).rows])
+
+    claimer = threading.Thread(target=claim)
+    with psycopg.connect(pg_url) as holder:
+        holder.execute("SELECT id FROM signals WHERE id <= 10 FOR UPDATE")
+        claimer.start()
+        claimer.join(timeout=10)  # ends in milliseconds unless the claim waits for the lock
+        waited = claimer.is_alive()
+        holder.rollback()
+    claimer.join(timeout=30)
+    store.close()
+    assert not waited, "the claim waited for rows another transaction held locked"
+    assert claimed == [list(range(11, 21))]
 
 
 def test_ack_marks_processed_only_under_the_current_lease(store):
