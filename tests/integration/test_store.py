@@ -121,12 +121,14 @@ def claim_and_ack_until_empty(db_url: str, name: str, start, results) -> None:
         results.put((taken, errors, traceback.format_exc()))
 
 
-def test_pollers_in_separate_processes_never_hand_out_a_row_twice(pg_url):
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_pollers_in_separate_processes_never_hand_out_a_row_twice(request, database: str):
     # The real layout: each poller is a process with its own store, so the database alone (FOR
-    # UPDATE SKIP LOCKED) keeps two concurrent claims from leasing the same row. The threaded test
-    # above shares one store, whose lock lets only one claim run at a time.
+    # UPDATE SKIP LOCKED; SQLite's BEGIN IMMEDIATE) keeps two concurrent claims from leasing the
+    # same row. The threaded test above shares one store, whose lock lets one claim run at a time.
+    db_url = request.getfixturevalue("pg_url" if database == "postgresql" else "sqlite_url")
     rows, processes = 4000, 4
-    store = open_store(make_settings(db_url=pg_url))
+    store = open_store(make_settings(db_url=db_url))
     store.init_schema()
     seed(store, rows)
     store.close()  # no pooled connection may cross into the forked children
@@ -134,7 +136,7 @@ def test_pollers_in_separate_processes_never_hand_out_a_row_twice(pg_url):
     # rather than importing SQLAlchemy anew (seconds on a loaded machine).
     context = multiprocessing.get_context("fork")
     start, results = context.Barrier(processes), context.Queue()
-    workers = [context.Process(target=claim_and_ack_until_empty, args=(pg_url, f"p{i}", start, results))
+    workers = [context.Process(target=claim_and_ack_until_empty, args=(db_url, f"p{i}", start, results))
                for i in range(processes)]
     for worker in workers:
         worker.start()
