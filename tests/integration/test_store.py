@@ -66,6 +66,8 @@ def test_shards_split_rows_by_id_modulo(store):
 
 
 def test_concurrent_claims_never_hand_out_a_row_twice(store):
+    # Threads of one store: on PostgreSQL the store's lock runs their claims one at a time, so
+    # only the separate-process test below has the database see concurrent claims.
     seed(store, 600)
     taken: list[list[int]] = []
     lock = threading.Lock()
