@@ -230,6 +230,9 @@ class Poller:
         self.rest = 0.0  # the rest due after the last claim, before jitter
         self._last_claimed = -1  # rows of the previous claim (-1: none yet)
         self._woken = False  # whether the last rest was cut short by a NOTIFY
+        # Rows the broker has but whose ack gave up in a database outage: acked first thing
+        # once the database answers again (see _settle).
+        self._unacked: tuple[Lease, list[int]] | None = None
         self._db_failing = False
         self._broker_failing = False
         self._failing = False  # a batch failed for a reason that is neither database nor broker
@@ -241,6 +244,7 @@ class Poller:
         """Claim, publish and settle one batch. Returns how many rows were claimed."""
         started = time.perf_counter()
         s = self.settings
+        self._ack_unacked()
         # Leases are renewed and shares rebalanced here, between batches.
         held = self.shard_source.shards()
         claim = self.store.claim(self.identity.owner, self.shard_source.shard_count, held,
@@ -272,11 +276,31 @@ class Poller:
             }})
         return len(claim.rows)
 
+    def _ack_unacked(self) -> None:
+        """Ack the published rows of a batch whose ack gave up in a database outage, before
+        anything else this poller asks of the database; a database error propagates, and the
+        loop backs off and comes back here."""
+        if self._unacked is None:
+            return
+        lease, ids = self._unacked
+        acked = self.store.ack(lease, ids)
+        self._unacked = None
+        self._note_lease_lost(acked, len(ids))
+
+    def _note_lease_lost(self, acked: int, published: int) -> None:
+        if acked < published:
+            log.warning("lease lost on %d of %d published rows; their new owner publishes them again",
+                        published - acked, published,
+                        extra={"fields": {"event": "lease_lost", "lost": published - acked,
+                                          "published": published}})
+
     def _release_unsettled(self, claim: Claim) -> None:
         """After a failure mid-batch, give back at once the rows still leased to us (settled ones
-        no longer are), rather than have them wait out the lease."""
+        no longer are), rather than have them wait out the lease. Never rows the broker has:
+        released, they would be claimed and published again at once."""
+        unacked = set(self._unacked[1]) if self._unacked and self._unacked[0] == claim.lease else set()
         try:
-            self.store.release(claim.lease, [row.id for row in claim.rows])
+            self.store.release(claim.lease, [row.id for row in claim.rows if row.id not in unacked])
         except Exception as exc:  # noqa: BLE001 - then the lease expires; nothing is lost
             log.warning("could not release a failed batch (its lease expires in %.0f s): %s",
                         self.settings.lease_seconds, first_line(exc))
@@ -286,13 +310,16 @@ class Poller:
         outcome = BatchOutcome(claimed=len(claim.rows), published=len(accepted), unsent=len(unsent))
         # Only what the broker accepted is marked processed, and only under our lease. The ack
         # is retried through a database outage while the lease holds: giving up would make
-        # another poller publish these rows a second time.
-        outcome.acked = self._until_done(lambda: self.store.ack(claim.lease, accepted))
-        if outcome.acked < len(accepted):
-            log.warning("lease lost on %d of %d published rows; their new owner publishes them again",
-                        len(accepted) - outcome.acked, len(accepted),
-                        extra={"fields": {"event": "lease_lost", "lost": len(accepted) - outcome.acked,
-                                          "published": len(accepted)}})
+        # another poller publish these rows a second time. Past that, the rows stay ours until
+        # another poller claims them, which it cannot do before the database is back either:
+        # so the ack is kept and tried first once it answers (an ack under a lease taken over
+        # marks nothing), instead of being dropped.
+        try:
+            outcome.acked = self._until_done(lambda: self.store.ack(claim.lease, accepted))
+        except DBAPIError:
+            self._unacked = (claim.lease, list(accepted))
+            raise
+        self._note_lease_lost(outcome.acked, len(accepted))
         if result.rejected or result.failed:
             failures = self._failures(claim, result)
             self._until_done(lambda: self.store.nack(claim.lease, failures))
@@ -432,6 +459,7 @@ class Poller:
         """One turn of the loop: a batch, or a short wait while backpressure pauses (None)."""
         # Alive, and with these settings: said on every turn, paused or failing ones too.
         self.hooks.loop(self.settings, len(self.shard_source.held))
+        self._ack_unacked()  # before a pause, which may outlast the lease
         if self._must_pause():
             # A paused poller still heartbeats its membership and renews its shard leases: it
             # resumes on its own shards, and status does not count it gone.

@@ -157,6 +157,18 @@ def redis_messages(redis_url: str, queue_name: str) -> list[dict]:
         client.close()
 
 
+def amqp_task_ids(amqp_url: str, queue_name: str) -> list[str]:
+    """The task id of every message on a RabbitMQ queue, taking them off it."""
+    from kombu import Connection
+
+    with Connection(amqp_url) as conn:
+        channel = conn.channel()
+        ids = []
+        while (message := channel.basic_get(queue_name, no_ack=True)) is not None:
+            ids.append(message.headers["id"])
+        return ids
+
+
 def filesystem_messages(folder: Path, queue_name: str = "celery") -> list[dict]:
     return [decode_celery_message(p.read_bytes()) for p in Path(folder).glob(f"*.{queue_name}.msg")]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import psycopg
 from sqlalchemy import text
 
 from pool.poller import FixedShards, Poller, PollerIdentity, StopSignal
@@ -22,10 +23,12 @@ class RunningPoller:
         self.poller = Poller(store, self.publisher, PollerIdentity(name, 0, shard_count), settings, self.stop,
                              shards=FixedShards(shard_count, shards))
         self.idle = threading.Event()  # set once the poller rests after an empty claim
+        self.idle_rest = 0.0  # how long that rest was to last
         original = self.poller._idle
 
         def note_idle(seconds: float) -> bool:
             if self.poller._last_claimed == 0:
+                self.idle_rest = seconds
                 self.idle.set()
             return original(seconds)
 
@@ -46,16 +49,22 @@ def processed_ids(store) -> set[int]:
 
 
 def test_an_insert_wakes_an_idle_poller_long_before_its_poll_interval(pg_url, redis_url, queue_name):
-    settings = make_settings(db_url=pg_url, broker_url=redis_url, queue=queue_name, poll_interval="60")
+    # Both intervals 60 s: the first empty claim already starts a rest of 30-60 s (jittered), so
+    # busy polling cannot find the rows in time; only the trigger's NOTIFY can.
+    settings = make_settings(db_url=pg_url, broker_url=redis_url, queue=queue_name, poll_interval="60",
+                             busy_poll_interval="60")
     store = open_store(settings)
     store.init_schema(notify=True)
     running = RunningPoller(settings, store, [0], 1, "t")
     try:
         assert running.idle.wait(30), "the poller never went idle"
-        store.insert_signals(list(generate_signals(3, seed=9)))
-        # With a 60 s poll interval only the trigger's NOTIFY can make this happen in time.
-        wait_until(lambda: store.counts().processed == 3, timeout=15, interval=0.05,
-                   message="the NOTIFY to wake the poller")
+        assert running.idle_rest >= 30
+        # A producer's plain INSERT on a connection of its own, not the relay's COPY.
+        with psycopg.connect(pg_url, autocommit=True) as producer:
+            producer.execute("INSERT INTO signals (name, value, source) VALUES ('a', 1, 's'), ('b', 2, 's')")
+            producer.execute("INSERT INTO signals (name, value, source) VALUES ('c', 3, 's')")
+        wait_until(lambda: store.counts().processed == 3, timeout=10, interval=0.05,
+                   message="the insert trigger's NOTIFY to wake the poller")
     finally:
         running.close()
         store.close()
@@ -118,15 +127,31 @@ def test_claim_stays_index_driven_as_processed_rows_pile_up(pg_url):
     store.close()
 
 
+def notify_triggers(store) -> list[tuple[str, str, str]]:
+    """(trigger, enabled, function) of each user trigger that fires after an INSERT statement on
+    signals and calls a function that sends pg_notify."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT t.tgname, t.tgenabled, p.proname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+            " WHERE t.tgrelid = 'signals'::regclass AND NOT t.tgisinternal"
+            # tgtype bits: 4 = INSERT; 1 (ROW) and 2 (BEFORE) clear: AFTER ... FOR EACH STATEMENT.
+            " AND t.tgtype & 7 = 4 AND p.prosrc LIKE '%pg_notify%'"
+        ))
+        return [tuple(r) for r in rows]
+
+
 def test_init_db_applies_storage_settings_and_the_opt_in_notify_trigger_once(pg_url):
     store = open_store(make_settings(db_url=pg_url))
     first = store.init_schema()
     assert not any("trigger" in e for e in first.created_extras)  # opt-in
     assert any("fillfactor = 90" in e for e in first.created_extras)
     assert not store.init_schema().changed
+    assert notify_triggers(store) == []
     with_trigger = store.init_schema(notify=True)
     assert any("trigger signals_pool_notify" in e for e in with_trigger.created_extras)
     assert not store.init_schema(notify=True).changed
+    # In the catalog, not only in the report: one enabled trigger, after each insert statement.
+    assert notify_triggers(store) == [("signals_pool_notify", "O", "signals_pool_notify")]
     with store.engine.connect() as conn:
         options = conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = 'signals'::regclass"))
         assert "autovacuum_vacuum_scale_factor=0.02" in options.scalar_one()

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
+import traceback
+from collections import Counter
+from functools import partial
 
+import psycopg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from pool.seeding import generate_signals
 from pool.store import open_store
-from pool.store.base import Failure
+from pool.store.base import Failure, Lease, first_line
 from tests.helpers import make_settings, set_time
 
 
@@ -60,6 +66,8 @@ def test_shards_split_rows_by_id_modulo(store):
 
 
 def test_concurrent_claims_never_hand_out_a_row_twice(store):
+    # Threads of one store: on PostgreSQL the store's lock runs their claims one at a time, so
+    # only the separate-process test below has the database see concurrent claims.
     seed(store, 600)
     taken: list[list[int]] = []
     lock = threading.Lock()
@@ -79,6 +87,103 @@ def test_concurrent_claims_never_hand_out_a_row_twice(store):
         t.join(timeout=60)
     ids = [i for batch in taken for i in batch]
     assert sorted(ids) == list(range(1, 601))
+
+
+def claim_and_ack_until_empty(db_url: str, name: str, start, results) -> None:
+    """One poller process's share of the work: claim and ack batches until none is left.
+
+    Its own store, engine and connection, as in `pool start`; the barrier makes the four
+    processes claim at the same moment rather than one after the other as they boot. A database
+    error is retried, as the poller does, and reported: the test fails on any, but only after
+    counting hand-outs, which say what went wrong."""
+    errors: list[str] = []
+    taken: list[int] = []
+
+    def retried(action):
+        while True:
+            try:
+                return action()
+            except DBAPIError as exc:
+                errors.append(first_line(exc))
+                if len(errors) >= 500:  # not a passing conflict: give up
+                    raise
+
+    try:
+        store = open_store(make_settings(db_url=db_url))
+        # Open the store's kept connection before the barrier, so the first claims overlap.
+        store.extend_lease(Lease(owner=name, token=0), 1)
+        start.wait(timeout=60)
+        while (claim := retried(partial(store.claim, name, 1, 0, 25, 30))).rows:
+            ids = [r.id for r in claim.rows]
+            taken += ids
+            retried(partial(store.ack, claim.lease, ids))
+        store.close()
+        results.put((taken, errors, None))
+    except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+        results.put((taken, errors, traceback.format_exc()))
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_pollers_in_separate_processes_never_hand_out_a_row_twice(request, database: str):
+    # The real layout: each poller is a process with its own store, so the database alone (FOR
+    # UPDATE SKIP LOCKED; SQLite's BEGIN IMMEDIATE) keeps two concurrent claims from leasing the
+    # same row. The threaded test above shares one store, whose lock lets one claim run at a time.
+    db_url = request.getfixturevalue("pg_url" if database == "postgresql" else "sqlite_url")
+    rows, processes = 4000, 4
+    store = open_store(make_settings(db_url=db_url))
+    store.init_schema()
+    seed(store, rows)
+    store.close()  # no pooled connection may cross into the forked children
+    # Forked, not spawned: each child still opens its own store, and starts in milliseconds
+    # rather than importing SQLAlchemy anew (seconds on a loaded machine).
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=claim_and_ack_until_empty, args=(db_url, f"p{i}", start, results))
+               for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    try:
+        reports = [results.get(timeout=120) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+    handed_out = Counter(i for taken, _, _ in reports for i in taken)
+    twice = sorted(i for i, n in handed_out.items() if n > 1)
+    assert not twice, f"{handed_out.total()} hand-outs of {rows} rows; {len(twice)} rows more than once"
+    crashes = [crash for _, _, crash in reports if crash]
+    assert not crashes, crashes[0]
+    assert sorted(handed_out) == list(range(1, rows + 1))
+    errors = [error for _, errors, _ in reports for error in errors]
+    assert not errors, f"{len(errors)} database errors, e.g. {errors[0]}"
+    assert store.counts().processed == rows
+    store.close()
+
+
+def test_a_claim_passes_over_rows_another_transaction_holds_locked(pg_url):
+    # Another poller's claim in flight, or a prune's delete, holds rows locked for a moment. A
+    # claim must take the next rows, not queue behind that lock: waiting (FOR UPDATE without
+    # SKIP LOCKED) serialises the pollers and lets two claims deadlock.
+    store = open_store(make_settings(db_url=pg_url))
+    store.init_schema()
+    seed(store, 20)
+    claimed: list[list[int]] = []
+
+    def claim() -> None:
+        claimed.append([r.id for r in store.claim("a", 1, 0, 10, 30).rows])
+
+    claimer = threading.Thread(target=claim)
+    with psycopg.connect(pg_url) as holder:
+        holder.execute("SELECT id FROM signals WHERE id <= 10 FOR UPDATE")
+        claimer.start()
+        claimer.join(timeout=10)  # ends in milliseconds unless the claim waits for the lock
+        waited = claimer.is_alive()
+        holder.rollback()
+    claimer.join(timeout=30)
+    store.close()
+    assert not waited, "the claim waited for rows another transaction held locked"
+    assert claimed == [list(range(11, 21))]
 
 
 def test_ack_marks_processed_only_under_the_current_lease(store):

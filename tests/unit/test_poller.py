@@ -645,6 +645,29 @@ def test_ack_gives_up_when_the_next_retry_would_outlive_the_lease(clock: FakeClo
     assert hooks.outcomes == []
 
 
+def test_an_ack_given_up_in_an_outage_is_made_first_once_the_database_answers(clock: FakeClock) -> None:
+    # Lease 3 s: the ack gives up after three tries. Rows 1 and 2 are on the broker and stay
+    # leased to this poller until another claims them, which needs the database back as well.
+    # Released, or their ack dropped, they would be published a second time.
+    store = FakeStore([make_rows(1, 2, 3), make_rows(4)])
+    store.errors["ack"] = [db_error() for _ in range(4)]  # three tries, then once more later
+    acks_at_claim: list[int] = []
+    store.on_claim = lambda n: acks_at_claim.append(len(store.acks))
+    publisher = FakePublisher(fail_at=3)
+    poller = make_poller(store, publisher, lease_seconds=3, batch_size=3)
+    with pytest.raises(OperationalError):
+        poller.run_once()
+    publisher.fail_at = None
+    first = store.leases[0]
+    assert store.releases == [(first, [3])]  # the unsent row only
+    with pytest.raises(OperationalError):
+        poller.run_once()  # still down: the ack is kept, nothing is claimed
+    assert len(store.claims) == 1
+    assert poller.run_once() == 1  # back: the ack goes first, under the batch's own lease
+    assert store.acks == [(first, [1, 2]), (store.leases[1], [4])]
+    assert acks_at_claim == [0, 1]
+
+
 # --- backpressure --------------------------------------------------------------------
 
 
