@@ -50,3 +50,13 @@ def create_celery_app(settings: Settings, name: str = "pool") -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def with_short_timeouts(connection: Any, seconds: float) -> Any:
+    """A clone of a kombu connection whose connect and socket reads give up after `seconds`:
+    for calls that must not wait out a silent broker (a start-up check, the advisory queue depth)."""
+    return connection.clone(
+        connect_timeout=seconds,
+        transport_options={**connection.transport_options, "socket_timeout": seconds,
+                           "socket_connect_timeout": seconds},
+    )

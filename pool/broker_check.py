@@ -8,7 +8,7 @@ import logging
 import os
 import tempfile
 
-from pool.broker import broker_scheme, create_celery_app
+from pool.broker import broker_scheme, create_celery_app, with_short_timeouts
 from pool.config import Settings
 from pool.errors import ConfigError
 from pool.redact import redact_text, redact_url
@@ -58,15 +58,10 @@ def check_broker(settings: Settings) -> str | None:
         return None
     where = f"broker {redact_url(settings.broker_url)}"
     try:
-        connection = create_celery_app(settings).connection_for_write()
         # A broker that accepts TCP but never answers held start-up for the transport's whole
         # retry budget (12 s on Redis); short tries tell a refusal from silence, and silence is
         # only a warning.
-        connection = connection.clone(
-            connect_timeout=CHECK_TIMEOUT,
-            transport_options={**connection.transport_options, "socket_timeout": CHECK_TIMEOUT,
-                               "socket_connect_timeout": CHECK_TIMEOUT},
-        )
+        connection = with_short_timeouts(create_celery_app(settings).connection_for_write(), CHECK_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - classified below
         raise ConfigError(f"{where}: {describe(exc, settings)}") from None
     try:

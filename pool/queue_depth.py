@@ -8,12 +8,15 @@ from typing import Any
 
 from amqp.exceptions import NotFound
 
-from pool.broker import broker_scheme, create_celery_app
+from pool.broker import broker_scheme, create_celery_app, with_short_timeouts
 from pool.config import Settings
 
 log = logging.getLogger(__name__)
 
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+# The depth is advice: a broker that accepts TCP but never answers held every read for the
+# transport's whole retry budget (12 s on Redis), and with it the first claim and readiness.
+DEPTH_TIMEOUT = 1.0
 
 
 class QueueDepth:
@@ -32,7 +35,7 @@ class QueueDepth:
     def _get_channel(self):
         if self._channel is None:
             if self._connection is None:
-                self._connection = self.app.connection_for_read()
+                self._connection = with_short_timeouts(self.app.connection_for_read(), DEPTH_TIMEOUT)
             # A channel of its own: a failed passive declare closes the channel it ran on.
             self._channel = self._connection.channel()
         return self._channel

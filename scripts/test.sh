@@ -26,4 +26,13 @@ if ! command -v promtool >/dev/null && [ ! -x .venv/bin/promtool ] && command -v
     rm -rf "$scratch"
 fi
 .venv/bin/ruff check .
-.venv/bin/pytest "$@"
+# Most tests wait on processes and services, so two run at once (POOL_TEST_WORKERS to change it);
+# the few marked exclusive (they restart PostgreSQL) run alone afterwards. "No tests selected"
+# (exit 5) from one of the two runs is fine when the arguments select only the other's tests.
+status=0
+.venv/bin/pytest -n "${POOL_TEST_WORKERS:-2}" -m "not exclusive" "$@" || status=$?
+exclusive=0
+.venv/bin/pytest -m exclusive "$@" || exclusive=$?
+if [ "$status" = 5 ] && [ "$exclusive" != 5 ]; then status=0; fi
+if [ "$exclusive" != 0 ] && [ "$exclusive" != 5 ]; then status=$exclusive; fi
+exit "$status"

@@ -17,9 +17,21 @@ RABBIT_URL = os.environ.get("POOL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672
 
 # Several suites may run at once on one machine (one per work tree); each can be given its own
 # Redis database numbers, e.g. POOL_TEST_REDIS_DBS=4,5,6, so that one's flushdb never empties another's.
-_redis_numbers = itertools.cycle(
-    [int(n) for n in os.environ.get("POOL_TEST_REDIS_DBS", "").split(",") if n.strip()] or range(1, 16)
-)
+# Under pytest-xdist each worker takes its own share of them, for the same reason.
+def _own_redis_numbers() -> list[int]:
+    numbers = [int(n) for n in os.environ.get("POOL_TEST_REDIS_DBS", "").split(",") if n.strip()]
+    numbers = numbers or list(range(1, 16))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and workers > 1:
+        share = numbers[int(worker[2:]) % workers::workers]
+        if not share:
+            raise RuntimeError(f"{len(numbers)} Redis databases cannot be shared by {workers} workers")
+        return share
+    return numbers
+
+
+_redis_numbers = itertools.cycle(_own_redis_numbers())
 
 
 def _reachable(host: str, port: int) -> bool:

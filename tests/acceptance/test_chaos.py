@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from loadtest.chaos import ChaosConfig, run_chaos
 from tests.conftest import require_service
 
 
+# It restarts the machine's PostgreSQL: every other test would see the restart.
+@pytest.mark.exclusive
 def test_short_chaos_run_loses_nothing():
     require_service("PostgreSQL", "127.0.0.1", 5432)
     out = io.StringIO()
