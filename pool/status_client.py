@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pool.config import Settings
@@ -15,7 +15,9 @@ from pool.errors import ConfigError
 from pool.http_address import client_url, is_host
 from pool.http_guard import CLIENT_HEADER
 from pool.redact import redact_url
-from pool.store.base import Counts
+
+if TYPE_CHECKING:  # the store pulls in SQLAlchemy: 1 s more for every `pool status --url`
+    from pool.store.base import Counts
 
 TIMEOUT_SECONDS = 3.0
 
