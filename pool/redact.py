@@ -9,7 +9,7 @@ span any of them could take for a secret.
 from __future__ import annotations
 
 import re
-from urllib.parse import quote, unquote, unquote_plus
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 MASK = "***"
 # A URL inside a message: a scheme, then everything up to whitespace or the next URL.
@@ -20,6 +20,16 @@ _SECRET_PARAMETER = re.compile(
     r"(?P<name>[?&;][^=&;#\s]*(?:pass|pwd|secret|token|key|auth|cred)[^=&;#\s]*=)(?P<value>[^&;#\s]*)",
     re.IGNORECASE,
 )
+
+
+# A configured URL is one URL, whatever it holds: a password such as `A://` must not be taken for
+# the start of another URL, as it is inside a message, where URLs may follow one another.
+_WHOLE_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>\S*)")
+
+
+def _urls_in(url: str) -> list[re.Match]:
+    whole = _WHOLE_URL.fullmatch(url)
+    return [whole] if whole else list(_URL.finditer(url))
 
 
 def _split_userinfo(rest: str) -> tuple[str, str, str] | None:
@@ -48,15 +58,17 @@ def _redact_one(match: re.Match) -> str:
 
 def redact_url(text: str) -> str:
     """Every URL in `text` with its password and secret query values as ***:
-    `scheme://user:secret@host/db?password=x` -> `scheme://user:***@host/db?password=***`."""
-    return _URL.sub(_redact_one, text)
+    `scheme://user:secret@host/db?password=x` -> `scheme://user:***@host/db?password=***`.
+    A text that is one URL and nothing else (a configured one) is redacted as one URL."""
+    whole = _WHOLE_URL.fullmatch(text)
+    return _redact_one(whole) if whole else _URL.sub(_redact_one, text)
 
 
 def secrets_of(url: str) -> set[str]:
     """Every string in `url` that some parser could take for a secret, as written, decoded and
     encoded, for hiding where a driver quotes it without the URL around it."""
     found: set[str] = set()
-    for match in _URL.finditer(url):
+    for match in _urls_in(url):
         rest = match["rest"]
         parts = _split_userinfo(rest)
         if parts is not None:
@@ -70,7 +82,10 @@ def secrets_of(url: str) -> set[str]:
                 found.add(rest[:last_at_before_query].partition(":")[2])
         found.update(m["value"] for m in _SECRET_PARAMETER.finditer(rest))
     plain = found | {form for secret in found for form in (unquote(secret), unquote_plus(secret))}
-    encoded = {quote(secret, safe="") for secret in plain}
+    # Encoded as a URL writes it, as a form does (a space as +), and as SQLAlchemy renders a URL
+    # (spaces and + left as they are).
+    encoded = {form for secret in plain
+               for form in (quote(secret, safe=""), quote_plus(secret), quote(secret, safe=" +"))}
     return {secret for secret in plain | encoded if secret and secret != MASK}
 
 

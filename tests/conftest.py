@@ -10,10 +10,19 @@ from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
+from hypothesis import settings
 
 PG_BASE = os.environ.get("POOL_TEST_PG", "postgresql://root@127.0.0.1:5432/test")
 REDIS_HOST = os.environ.get("POOL_TEST_REDIS", "127.0.0.1:6379")
 RABBIT_URL = os.environ.get("POOL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+
+# Property tests (hypothesis): locally each run draws new examples, so the search keeps going and
+# finds what earlier runs missed (hypothesis prints the failing example to paste into a test). In
+# CI every run draws the same examples and keeps no example database: a run must not turn red
+# because this one happened to find a new example for code that did not change.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 # Several suites may run at once on one machine (one per work tree); each can be given its own
 # Redis database numbers, e.g. POOL_TEST_REDIS_DBS=4,5,6, so that one's flushdb never empties another's.
