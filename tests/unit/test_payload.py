@@ -376,7 +376,10 @@ def test_a_whole_numeric_id_is_sent_as_an_integer(stored: object) -> None:
     assert prepared["id"] == int(stored) and prepared["id"].__class__ is int
 
 
-@pytest.mark.parametrize("stored", [Decimal("1.5"), Decimal("NaN"), Decimal("Infinity"), float("nan"), "7"])
+@pytest.mark.parametrize("stored", [Decimal("1.5"), Decimal("NaN"), Decimal("Infinity"), float("nan"), "7",
+                                    None, True, date(2024, 5, 1), b"7"], ids=repr)
 def test_an_id_that_is_no_integer_rejects_its_row(stored: object) -> None:
+    # The PayloadError's message becomes the dead row's last_error: it names the id, where the
+    # TypeError of int(None) or int(date) would tell the operator nothing about the row.
     with pytest.raises(PayloadError, match="^id .* is not an integer$"):
         build_payload(row(id=stored))
