@@ -111,3 +111,17 @@ def test_password_containing_a_slash_is_hidden() -> None:
     url = "postgresql://pulse:ab/cd@db/pulse"
     assert "ab/cd" not in redact_url(url)
     assert "ab/cd" not in redact_text(f"cannot reach {url}", url)
+
+
+@pytest.mark.parametrize(("url", "password"), [
+    ("postgresql://u:p@ss@127.0.0.1/db?application_name=a@b", "p@ss"),
+    ("postgresql://u:p?w@d@127.0.0.1/db?application_name=a@b?c", "p?w@d"),
+])
+def test_a_password_with_an_at_sign_is_hidden_alone_when_the_query_holds_one_too(
+    url: str, password: str,
+) -> None:
+    # The password runs to the last `@`, here the query's; a parser that ends the authority at
+    # the first `?` after the userinfo takes it to the last `@` before that `?` instead, and a
+    # driver may then quote that shorter password on its own.
+    message = f"password authentication failed: {password!r} rejected"
+    assert redact_text(message, url) == "password authentication failed: '***' rejected"
