@@ -116,6 +116,7 @@ def test_password_containing_a_slash_is_hidden() -> None:
 @pytest.mark.parametrize(("url", "password"), [
     ("postgresql://u:p@ss@127.0.0.1/db?application_name=a@b", "p@ss"),
     ("postgresql://u:p?w@d@127.0.0.1/db?application_name=a@b?c", "p?w@d"),
+    ("postgresql://u:p:s@w@127.0.0.1/db?application_name=a@b", "p:s@w"),
 ])
 def test_a_password_with_an_at_sign_is_hidden_alone_when_the_query_holds_one_too(
     url: str, password: str,
@@ -125,3 +126,9 @@ def test_a_password_with_an_at_sign_is_hidden_alone_when_the_query_holds_one_too
     # driver may then quote that shorter password on its own.
     message = f"password authentication failed: {password!r} rejected"
     assert redact_text(message, url) == "password authentication failed: '***' rejected"
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:@127.0.0.1/db", "redis://127.0.0.1/0?password="])
+def test_an_empty_password_hides_nothing_else(url: str) -> None:
+    # An empty secret must not be "hidden": replacing "" would put *** between every character.
+    assert redact_text("connection refused", url) == "connection refused"
