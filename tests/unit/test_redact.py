@@ -132,3 +132,13 @@ def test_a_password_with_an_at_sign_is_hidden_alone_when_the_query_holds_one_too
 def test_an_empty_password_hides_nothing_else(url: str) -> None:
     # An empty secret must not be "hidden": replacing "" would put *** between every character.
     assert redact_text("connection refused", url) == "connection refused"
+
+
+def test_the_secrets_of_every_url_given_are_hidden() -> None:
+    database, broker = "postgresql://u:db-pw@127.0.0.1/x", "amqp://guest:mq-pw@127.0.0.1//"
+    assert redact_text("tried db-pw, then mq-pw", database, broker) == "tried ***, then ***"
+
+
+def test_a_secret_holding_another_is_hidden_whole() -> None:
+    # "zz" inside "azz": hiding the shorter one first would leave "a***" behind.
+    assert redact_text("token azz refused", "redis://:zz@127.0.0.1/0?token=azz") == "token *** refused"
