@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import os
 import socket
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -20,24 +25,17 @@ RABBIT_URL = os.environ.get("POOL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672
 # finds what earlier runs missed (hypothesis prints the failing example to paste into a test). In
 # CI every run draws the same examples and keeps no example database: a run must not turn red
 # because this one happened to find a new example for code that did not change.
-settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-if os.environ.get("CI") == "true":
-    settings.load_profile("ci")
+def pytest_configure(config: pytest.Config) -> None:
+    settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+    if os.environ.get("CI") == "true":
+        settings.load_profile("ci")
 
 # Several suites may run at once on one machine (one per work tree); each can be given its own
 # Redis database numbers, e.g. POOL_TEST_REDIS_DBS=4,5,6, so that one's flushdb never empties another's.
-# Under pytest-xdist each worker takes its own share of them, for the same reason.
+# Processes of one suite (pytest-xdist workers, mutmut's forks) share them under a lock: below.
 def _own_redis_numbers() -> list[int]:
     numbers = [int(n) for n in os.environ.get("POOL_TEST_REDIS_DBS", "").split(",") if n.strip()]
-    numbers = numbers or list(range(1, 16))
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if worker.startswith("gw") and workers > 1:
-        share = numbers[int(worker[2:]) % workers::workers]
-        if not share:
-            raise RuntimeError(f"{len(numbers)} Redis databases cannot be shared by {workers} workers")
-        return share
-    return numbers
+    return numbers or list(range(1, 16))
 
 
 _redis_numbers = itertools.cycle(_own_redis_numbers())
@@ -81,13 +79,40 @@ def redis_url() -> Iterator[str]:
     require_service("Redis", host, int(port))
     import redis
 
-    number = next(_redis_numbers)
-    url = f"redis://{REDIS_HOST}/{number}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    with _redis_database() as number:
+        url = f"redis://{REDIS_HOST}/{number}"
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        yield url
+        client.flushdb()
+        client.close()
+
+
+@contextlib.contextmanager
+def _redis_database() -> Iterator[int]:
+    """The next database number that no other test process on this machine holds right now.
+
+    The cycle alone is not enough: mutation testing (scripts/mutation.sh) forks test processes
+    from one parent, and each fork inherits the same position in the cycle, so two of them took
+    the same number and one's flushdb emptied the other's. A lock file per number and server
+    makes the choice exclusive across processes; the kernel drops the lock if a process dies."""
+    lock_dir = Path(tempfile.gettempdir()) / "pool-test-redis-locks"
+    lock_dir.mkdir(exist_ok=True)
+    while True:
+        for _ in range(16):
+            number = next(_redis_numbers)
+            lock = open(lock_dir / f"{REDIS_HOST.replace(':', '_')}-{number}.lock", "a")  # noqa: SIM115
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            try:
+                yield number
+            finally:
+                lock.close()
+            return
+        time.sleep(0.1)  # every number is held by another process: wait for one to finish
 
 
 @pytest.fixture

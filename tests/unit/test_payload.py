@@ -152,6 +152,14 @@ def test_unreadable_timestamp_raises_payload_error(bad: object) -> None:
         build_payload(row(timestamp=bad))
 
 
+def test_an_unreadable_timestamp_is_quoted_in_its_error_by_its_first_40_characters() -> None:
+    # The error becomes the dead row's last_error: enough of the value to find it, never all of it.
+    stored = "2024-05-01 but not a time " + "z" * 10_000
+    with pytest.raises(PayloadError) as info:
+        build_payload(row(timestamp=stored))
+    assert str(info.value) == f"timestamp is not an ISO-8601 time ({stored[:40]!r})"
+
+
 @pytest.mark.parametrize("epoch", [1_714_566_645_000, 1.7e12, 1e20, -1e20])
 def test_out_of_range_numeric_timestamp_raises_payload_error(epoch: float) -> None:
     with pytest.raises(PayloadError, match="timestamp"):
@@ -376,7 +384,10 @@ def test_a_whole_numeric_id_is_sent_as_an_integer(stored: object) -> None:
     assert prepared["id"] == int(stored) and prepared["id"].__class__ is int
 
 
-@pytest.mark.parametrize("stored", [Decimal("1.5"), Decimal("NaN"), Decimal("Infinity"), float("nan"), "7"])
+@pytest.mark.parametrize("stored", [Decimal("1.5"), Decimal("NaN"), Decimal("Infinity"), float("nan"), "7",
+                                    None, True, date(2024, 5, 1), b"7"], ids=repr)
 def test_an_id_that_is_no_integer_rejects_its_row(stored: object) -> None:
+    # The PayloadError's message becomes the dead row's last_error: it names the id, where the
+    # TypeError of int(None) or int(date) would tell the operator nothing about the row.
     with pytest.raises(PayloadError, match="^id .* is not an integer$"):
         build_payload(row(id=stored))

@@ -111,3 +111,34 @@ def test_password_containing_a_slash_is_hidden() -> None:
     url = "postgresql://pulse:ab/cd@db/pulse"
     assert "ab/cd" not in redact_url(url)
     assert "ab/cd" not in redact_text(f"cannot reach {url}", url)
+
+
+@pytest.mark.parametrize(("url", "password"), [
+    ("postgresql://u:p@ss@127.0.0.1/db?application_name=a@b", "p@ss"),
+    ("postgresql://u:p?w@d@127.0.0.1/db?application_name=a@b?c", "p?w@d"),
+    ("postgresql://u:p:s@w@127.0.0.1/db?application_name=a@b", "p:s@w"),
+])
+def test_a_password_with_an_at_sign_is_hidden_alone_when_the_query_holds_one_too(
+    url: str, password: str,
+) -> None:
+    # The password runs to the last `@`, here the query's; a parser that ends the authority at
+    # the first `?` after the userinfo takes it to the last `@` before that `?` instead, and a
+    # driver may then quote that shorter password on its own.
+    message = f"password authentication failed: {password!r} rejected"
+    assert redact_text(message, url) == "password authentication failed: '***' rejected"
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:@127.0.0.1/db", "redis://127.0.0.1/0?password="])
+def test_an_empty_password_hides_nothing_else(url: str) -> None:
+    # An empty secret must not be "hidden": replacing "" would put *** between every character.
+    assert redact_text("connection refused", url) == "connection refused"
+
+
+def test_the_secrets_of_every_url_given_are_hidden() -> None:
+    database, broker = "postgresql://u:db-pw@127.0.0.1/x", "amqp://guest:mq-pw@127.0.0.1//"
+    assert redact_text("tried db-pw, then mq-pw", database, broker) == "tried ***, then ***"
+
+
+def test_a_secret_holding_another_is_hidden_whole() -> None:
+    # "zz" inside "azz": hiding the shorter one first would leave "a***" behind.
+    assert redact_text("token azz refused", "redis://:zz@127.0.0.1/0?token=azz") == "token *** refused"
