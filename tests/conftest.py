@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import os
 import socket
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -72,13 +77,40 @@ def redis_url() -> Iterator[str]:
     require_service("Redis", host, int(port))
     import redis
 
-    number = next(_redis_numbers)
-    url = f"redis://{REDIS_HOST}/{number}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    with _redis_database() as number:
+        url = f"redis://{REDIS_HOST}/{number}"
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        yield url
+        client.flushdb()
+        client.close()
+
+
+@contextlib.contextmanager
+def _redis_database() -> Iterator[int]:
+    """The next database number that no other test process on this machine holds right now.
+
+    The cycle alone is not enough: mutation testing (scripts/mutation.sh) forks test processes
+    from one parent, and each fork inherits the same position in the cycle, so two of them took
+    the same number and one's flushdb emptied the other's. A lock file per number and server
+    makes the choice exclusive across processes; the kernel drops the lock if a process dies."""
+    lock_dir = Path(tempfile.gettempdir()) / "pool-test-redis-locks"
+    lock_dir.mkdir(exist_ok=True)
+    while True:
+        for _ in range(16):
+            number = next(_redis_numbers)
+            lock = open(lock_dir / f"{REDIS_HOST.replace(':', '_')}-{number}.lock", "a")  # noqa: SIM115
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            try:
+                yield number
+            finally:
+                lock.close()
+            return
+        time.sleep(0.1)  # every number is held by another process: wait for one to finish
 
 
 @pytest.fixture
