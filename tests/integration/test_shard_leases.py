@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from sqlalchemy import text
 
 from pool.errors import ConfigError
 from pool.seeding import generate_signals
+from pool.shards import ShardKeeper, desired_shards
 from pool.store import open_store
 from pool.store.base import Failure
 from tests.helpers import make_settings, set_time
@@ -30,6 +33,15 @@ MEMBERS, SHARDS = "signals_pool_members", "signals_pool_shards"
 
 def silent_for(store, member: str, seconds: float) -> None:
     set_time(store, MEMBERS, "heartbeat_at", -seconds, "member = :m", m=member)
+
+
+def test_init_db_says_how_many_shards_it_split_the_table_into_once(db_url):
+    store = open_store(make_settings(db_url=db_url, shards="8"))
+    try:
+        assert "shard count 8 (rows belong to shard id % 8)" in store.init_schema().created_extras
+        assert not any("shard count" in line for line in store.init_schema().created_extras)
+    finally:
+        store.close()
 
 
 def test_init_db_records_the_shard_count_and_refuses_to_change_it(store, db_url):
@@ -75,6 +87,10 @@ def test_a_member_silent_for_just_over_a_ttl_is_no_longer_live_and_after_3_ttl_i
     assert store.member_heartbeat(me, "e", 5, ttl) == [under, me]
     assert {m.member: m.live for m in store.cluster(ttl)[0]} == {over: False, under: True, kept: False,
                                                                  me: True}
+    # Status shows how long ago each member beat, as the database's clock says.
+    ages = {m.member: m.heartbeat_age_seconds for m in store.cluster(ttl)[0]}
+    assert ttl - 1 <= ages[under] < ttl + 10 and 3 * ttl - 1 <= ages[kept] < 3 * ttl + 10
+    assert 0 <= ages[me] < 1
 
 
 def test_a_silent_members_shards_are_free_once_their_leases_run_out_and_not_before(store):
@@ -92,7 +108,7 @@ def test_a_held_shard_is_not_taken_until_released_or_expired(store):
     assert store.sync_shards("a", [0, 1, 2, 3], 30) == [0, 1, 2, 3]  # a hands 4-7 over
     assert store.sync_shards("b", [4, 5, 6, 7], 30) == [4, 5, 6, 7]
     _members, owners = store.cluster(30)
-    assert [o.owner for o in owners] == ["a"] * 4 + ["b"] * 4
+    assert [(o.shard, o.owner) for o in owners] == [(s, "a" if s < 4 else "b") for s in range(8)]
     assert all(o.expires_in_seconds and 0 < o.expires_in_seconds <= 30 for o in owners)
 
 
@@ -145,3 +161,27 @@ def test_start_refuses_a_table_without_shard_tables(store):
         conn.execute(text("DROP TABLE signals_pool_members"))
     with pytest.raises(ConfigError, match="signals_pool_members for shard leases not found.*pool init-db"):
         store.check_schema()
+
+
+def test_a_member_whose_share_is_empty_gives_back_every_shard_it_held(store):
+    # More pollers than shards: a poller's share can be nothing, and whatever it held must be
+    # free for the pollers whose share it now is, not held until its lease runs out.
+    assert store.sync_shards("a", range(8), 30) == list(range(8))
+    assert store.sync_shards("a", [], 30) == []
+    assert store.sync_shards("b", range(8), 30) == list(range(8))
+    assert all(o.owner == "b" for o in store.cluster(30)[1])
+
+
+def test_keepers_on_the_database_hold_every_shard_once_and_show_their_host_and_pid(store):
+    keepers = [ShardKeeper(store, host, "poller-0", 30) for host in ("host-a", "host-b")]
+    for _round in range(2):  # the first sees a alone take all; the second, the hand-over to b
+        for keeper in keepers:
+            keeper.sync()
+    members, owners = store.cluster(30)
+    assert [(m.member, m.host, m.pid, m.live) for m in members] == [
+        (keepers[0].member, "host-a", os.getpid(), True), (keepers[1].member, "host-b", os.getpid(), True)]
+    names = [k.member for k in keepers]
+    for keeper in keepers:
+        assert keeper.held == desired_shards(names, keeper.member, 8) == [
+            o.shard for o in owners if o.owner == keeper.member]
+    assert sorted(o.shard for o in owners if o.owner in names) == list(range(8))

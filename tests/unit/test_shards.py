@@ -8,6 +8,7 @@ the real SQL is tested against PostgreSQL and SQLite in tests/integration/test_s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 import pytest
 from sqlalchemy.exc import OperationalError
 
+import pool.shards
 from pool.shards import ShardKeeper, desired_shards, host_id, member_name, member_slot
 
 SHARDS = 64
@@ -31,16 +33,19 @@ class Clock:
 
 
 class FakeLeaseStore:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, shards: int = SHARDS) -> None:
         self.clock = clock
+        self.shards = shards
         self.heartbeats: dict[str, float] = {}
         self.leases: dict[int, tuple[str, float]] = {}  # shard -> (owner, expires)
         self.failing = False
+        self.tries = 0  # heartbeats tried, failed ones too: the load a keeper puts on the database
 
     def shard_count(self) -> int:
-        return SHARDS
+        return self.shards
 
     def member_heartbeat(self, member: str, host: str, pid: int, ttl: float) -> list[str]:
+        self.tries += 1
         self._maybe_fail()
         self.heartbeats[member] = self.clock.now
         return sorted(m for m, at in self.heartbeats.items() if at >= self.clock.now - ttl)
@@ -58,6 +63,7 @@ class FakeLeaseStore:
         return sorted(s for s, (owner, _e) in self.leases.items() if owner == member)
 
     def leave(self, member: str) -> None:
+        self._maybe_fail()
         self.leases = {s: lease for s, lease in self.leases.items() if lease[0] != member}
         self.heartbeats.pop(member, None)
 
@@ -267,3 +273,144 @@ def test_a_keeper_counts_its_leases_from_when_the_sync_began() -> None:
     assert len(keeper.shards()) == SHARDS  # still surely ours
     clock.now = renewed_at + TTL + 0.01
     assert keeper.shards() == [], "claims from shards whose leases may have run out"
+
+
+# A step the binary floats hold exactly, so that sync times fall on it without rounding drift.
+EXACT_STEP = 1 / 16
+
+
+@pytest.mark.parametrize(("ttl", "every"), [(3.0, 1.0), (1.5, 0.5), (30.0, 1.0)])
+def test_a_settled_keeper_renews_once_a_second_or_a_third_of_its_ttl_not_on_every_batch(
+        ttl: float, every: float) -> None:
+    # Each renewal is a few statements against the shared database, from every poller: a keeper
+    # that renewed on every batch, or kept the 0.1 s pace of moving shares, would multiply that
+    # load; one that renewed less often than a third of a ttl would let a missed sync cost leases.
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    keepers = [ShardKeeper(store, host, "poller-0", ttl, clock=clock) for host in ("a", "b")]
+    run(keepers, clock, 2.0, step=EXACT_STEP)
+    assert sorted(store.owners().values()) == [32, 32]
+    store.tries = 0
+    run(keepers, clock, 12.0, step=EXACT_STEP)
+    assert store.tries == 2 * 12.0 / every
+
+
+def test_a_keeper_retries_a_failed_sync_after_a_third_of_its_ttl_not_on_every_batch() -> None:
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    keeper = ShardKeeper(store, "a", "poller-0", TTL, clock=clock)
+    run([keeper], clock, 2.0, step=EXACT_STEP)
+    store.failing, store.tries = True, 0
+    failures = 0
+    while clock.now < 20.0:
+        try:
+            keeper.shards()
+        except OperationalError:
+            failures += 1
+        clock.now += EXACT_STEP
+    assert failures == store.tries == 18  # one a second (TTL / 3) from t=2 to t=20
+
+
+def test_a_keeper_whose_database_is_down_at_start_claims_nothing_until_a_sync_succeeds() -> None:
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    store.failing = True
+    keeper = ShardKeeper(store, "a", "poller-0", TTL, clock=clock)
+    assert keeper.held == []  # the poller reports its shard count before the first sync
+    with pytest.raises(OperationalError):
+        keeper.shards()
+    clock.now += 0.1  # the poller's next turn, before the retry is due
+    assert keeper.shards() == [] and keeper.held == []
+    store.failing = False
+    clock.now += 1.0
+    assert len(keeper.shards()) == SHARDS
+
+
+def share_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict]]:
+    return [(r.getMessage(), r.fields) for r in caplog.records
+            if r.name == "pool.shards" and getattr(r, "fields", {}).get("event") == "shards_changed"]
+
+
+def test_a_keeper_logs_its_share_when_it_changes_and_only_then(caplog: pytest.LogCaptureFixture) -> None:
+    # Operators follow a rebalance in these lines; the fields are what log search filters on.
+    caplog.set_level(logging.INFO, logger="pool.shards")
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    a = ShardKeeper(store, "a", "poller-0", TTL, clock=clock)
+    run([a], clock, 2.0)
+    first16 = ", ".join(str(s) for s in range(16))
+    assert share_lines(caplog) == [(f"holding 64 of 64 shards (1 pollers live): {first16} …",
+                                    {"event": "shards_changed", "shards": 64, "members": 1})]
+    others = [ShardKeeper(store, host, "poller-0", TTL, clock=clock) for host in "bcd"]
+    run(others, clock, 0.2)  # they join, but a still holds every shard: nothing changes for them
+    assert len(share_lines(caplog)) == 1
+    caplog.clear()
+    run([a], clock, 1.2)  # a's next renewal sees four members and keeps a quarter
+    every4th = ", ".join(str(s) for s in range(0, 64, 4))
+    assert share_lines(caplog) == [(f"holding 16 of 64 shards (4 pollers live): {every4th}",
+                                    {"event": "shards_changed", "shards": 16, "members": 4})]
+    caplog.clear()
+    run([a, *others], clock, 3.0)
+    lines = share_lines(caplog)
+    assert sorted(fields["shards"] for _message, fields in lines) == [16, 16, 16]  # b, c, d once each
+
+
+def test_a_keepers_share_line_lists_at_most_16_shards_and_says_none_when_it_holds_none(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pool.shards")
+    clock = Clock()
+    seventeen = ShardKeeper(FakeLeaseStore(clock, shards=17), "a", "poller-0", TTL, clock=clock)
+    seventeen.shards()
+    first16 = ", ".join(str(s) for s in range(16))
+    assert [m for m, _f in share_lines(caplog)] == [f"holding 17 of 17 shards (1 pollers live): {first16} …"]
+    caplog.clear()
+    store = FakeLeaseStore(clock, shards=1)
+    b = ShardKeeper(store, "b", "poller-0", TTL, clock=clock)
+    run([b], clock, 0.5)
+    a = ShardKeeper(store, "a", "poller-0", TTL, clock=clock)  # sorts first: shard 0 is its own
+    run([a, b], clock, 1.5)
+    assert store.owners() == {a.member: 1}
+    assert [m for m, _f in share_lines(caplog)] == ["holding 1 of 1 shards (1 pollers live): 0",
+                                                    "holding 0 of 1 shards (2 pollers live): none",
+                                                    "holding 1 of 1 shards (2 pollers live): 0"]
+
+
+def test_a_restarted_poller_says_which_process_it_took_over_from(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pool.shards")
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    old = ShardKeeper(store, "b", "poller-0", TTL, clock=clock)
+    run([old], clock, 0.5)
+    new = ShardKeeper(store, "b", "poller-0", TTL, clock=clock, replaces=old.member)
+    run([new], clock, 0.5)
+    took_over = [r.getMessage() for r in caplog.records if "took over" in r.getMessage()]
+    assert took_over == [f"took over from {old.member}, this slot's previous process"]
+    assert store.owners() == {new.member: SHARDS}
+
+
+def test_a_keeper_that_cannot_hand_its_shards_back_says_when_they_expire(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    store = FakeLeaseStore(clock)
+    keeper = ShardKeeper(store, "a", "poller-0", TTL, clock=clock)
+    run([keeper], clock, 1.0)
+    store.failing = True
+    keeper.leave()  # a stop while the database is down must not raise
+    assert keeper.held == []
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "pool.shards"] == [
+        (logging.WARNING, "could not release shards on the way out (they expire in 3 s): OperationalError")]
+
+
+def test_a_host_id_from_the_machine_name_is_safe_in_member_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The host id is the first part of "<host id>/<slot>/<nonce>": a "/" in it would shift the
+    # slot that status groups members by.
+    for hostname, expected in (("Web Host#1/eu.example", "Web-Host-1-eu.example"),
+                               ("n" * 150, "n" * 100), ("", "host")):
+        monkeypatch.setattr(pool.shards.socket, "gethostname", lambda name=hostname: name)
+        assert host_id("") == expected
+    assert host_id("configured") == "configured"
+
+
+def test_the_slot_of_a_member_name_without_a_nonce_or_without_any_slot() -> None:
+    assert member_slot("web-1/poller-3") == "poller-3"  # a name from before nonces
+    assert member_slot("solo") == "solo"
