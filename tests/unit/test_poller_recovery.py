@@ -1,0 +1,103 @@
+"""A poller that recovered from an outage handles the next one as it did the first, and what it
+reports about a batch's timing is what the batch took."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pool.poller import BACKOFF_START, BatchOutcome
+from tests.unit.test_poller import (  # noqa: F401 - clock is a fixture
+    FakeClock,
+    FakePublisher,
+    FakeStore,
+    RecordingStop,
+    clock,
+    make_poller,
+    make_rows,
+)
+
+
+def test_a_second_broker_outage_backs_off_from_the_start_again_and_every_row_goes_out() -> None:
+    stop = RecordingStop()
+    store = FakeStore([make_rows(1, 2), make_rows(1, 2), make_rows(1, 2),
+                       make_rows(3, 4), make_rows(3, 4), make_rows(3, 4)])
+    publisher = FakePublisher(fail_at=1)
+    # claims 1-2: broker down; 3: back; 4-5: down again; 6: back
+    down = {1: True, 3: False, 4: True, 6: False}
+
+    def on_claim(n: int) -> None:
+        if n in down:
+            publisher.fail_at = 1 if down[n] else None
+        if n == 6:
+            stop.request()
+
+    store.on_claim = on_claim
+    make_poller(store, publisher, stop=stop, batch_size=2).run()
+    assert stop.waits == [BACKOFF_START, BACKOFF_START * 2, BACKOFF_START, BACKOFF_START * 2]
+    assert store.acked_ids() == [[1, 2], [3, 4]]
+
+
+class FailingCalls(FakePublisher):
+    """Raises on the given calls (counted from 1), publishes on the others."""
+
+    def __init__(self, failing: set[int]) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def publish(self, rows, keep_going=lambda: True):
+        if len(self.published) + 1 in self.failing:
+            self.published.append([r.id for r in rows])
+            raise RuntimeError(f"call {len(self.published)}")
+        return super().publish(rows, keep_going)
+
+
+def test_a_second_failing_spell_backs_off_from_the_start_again_and_every_row_goes_out() -> None:
+    stop = RecordingStop()
+    store = FakeStore([make_rows(1, 2), make_rows(1, 2), make_rows(1, 2),
+                       make_rows(3, 4), make_rows(3, 4)])
+    store.on_claim = lambda n: stop.request() if n == 5 else None
+    publisher = FailingCalls({1, 2, 4})  # batches 3 and 5 go out
+    make_poller(store, publisher, stop=stop, batch_size=2).run()
+    assert stop.waits == [BACKOFF_START, BACKOFF_START * 2, BACKOFF_START]
+    assert store.acked_ids() == [[1, 2], [3, 4]]
+
+
+class TimingHooks:
+    def __init__(self) -> None:
+        self.claim_seconds: list[float] = []
+        self.outcomes: list[BatchOutcome] = []
+
+    def loop(self, settings: Any, shards: int) -> None: ...
+
+    def claimed(self, rows: int, reclaimed: int, seconds: float) -> None:
+        self.claim_seconds.append(seconds)
+
+    def batch_done(self, outcome: BatchOutcome) -> None:
+        self.outcomes.append(outcome)
+
+    def database_error(self) -> None: ...
+
+    def backpressure(self, paused: bool) -> None: ...
+
+
+def test_claim_and_batch_durations_are_what_each_step_took(clock: FakeClock) -> None:  # noqa: F811
+    store = FakeStore([make_rows(1, 2)])
+    store.on_claim = lambda n: clock.sleep(1.0)  # the claim takes 1 s
+    publisher = FakePublisher()
+    publisher.after_row = lambda row_id: clock.sleep(1.0)  # 1 s a row
+    acked = store.ack
+
+    def slow_ack(lease, ids):
+        clock.sleep(0.25)
+        return acked(lease, ids)
+
+    store.ack = slow_ack
+    hooks = TimingHooks()
+    poller = make_poller(store, publisher, hooks=hooks)
+    try:
+        assert poller.run_once() == 2
+    finally:
+        poller.close()
+    assert hooks.claim_seconds == [1.0]
+    [outcome] = hooks.outcomes
+    assert (outcome.seconds, outcome.publish_seconds, outcome.settle_seconds) == (3.25, 2.0, 0.25)
