@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from sqlalchemy.exc import OperationalError
+
 from pool.poller import BACKOFF_START, BatchOutcome
 from tests.unit.test_poller import (  # noqa: F401 - clock is a fixture
     FakeClock,
@@ -12,6 +15,7 @@ from tests.unit.test_poller import (  # noqa: F401 - clock is a fixture
     FakeStore,
     RecordingStop,
     clock,
+    db_error,
     make_poller,
     make_rows,
 )
@@ -101,3 +105,19 @@ def test_claim_and_batch_durations_are_what_each_step_took(clock: FakeClock) -> 
     assert hooks.claim_seconds == [1.0]
     [outcome] = hooks.outcomes
     assert (outcome.seconds, outcome.publish_seconds, outcome.settle_seconds) == (3.25, 2.0, 0.25)
+
+
+def test_after_the_kept_ack_is_made_the_poller_goes_on_relaying(clock: FakeClock) -> None:  # noqa: F811
+    # Lease 3 s: the ack of rows 1 and 2 gives up after three tries and is kept; made once the
+    # database answers, it is done with: later batches go out as usual.
+    store = FakeStore([make_rows(1, 2), make_rows(3), make_rows(4)])
+    store.errors["ack"] = [db_error() for _ in range(3)]
+    poller = make_poller(store, lease_seconds=3, batch_size=2)
+    try:
+        with pytest.raises(OperationalError):
+            poller.run_once()
+        assert poller.run_once() == 1
+        assert poller.run_once() == 1
+    finally:
+        poller.close()
+    assert store.acked_ids() == [[1, 2], [3], [4]]
