@@ -3,6 +3,7 @@ reports about a batch's timing is what the batch took."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from tests.unit.test_poller import (  # noqa: F401 - clock is a fixture
     RecordingStop,
     clock,
     db_error,
+    fields_of,
     make_poller,
     make_rows,
 )
@@ -121,3 +123,38 @@ def test_after_the_kept_ack_is_made_the_poller_goes_on_relaying(clock: FakeClock
     finally:
         poller.close()
     assert store.acked_ids() == [[1, 2], [3], [4]]
+
+
+def test_a_failing_batch_is_logged_once_with_its_error_and_recovery_once(caplog) -> None:
+    stop = RecordingStop()
+    store = FakeStore([make_rows(1, 2), make_rows(1, 2), make_rows(3, 4), make_rows(5, 6)])
+    store.on_claim = lambda n: stop.request() if n == 4 else None
+    with caplog.at_level(logging.INFO, logger="pool.poller"):
+        make_poller(store, FailingCalls({1}), stop=stop, batch_size=2).run()
+    assert fields_of(caplog, "batch failed") == [{"event": "batch_failed", "error": "RuntimeError: call 1"}]
+    assert [m for m in caplog.messages if "batch failed" in m] == [
+        "batch failed, its rows were released; retrying with backoff: RuntimeError: call 1"
+    ]
+    # three batches go out after it: the recovery is one line, not one per batch
+    assert len(fields_of(caplog, "batches succeed again")) == 1
+    assert store.acked_ids() == [[1, 2], [3, 4], [5, 6]]
+
+
+def test_a_database_recovery_is_logged_once_however_many_batches_follow(caplog) -> None:
+    stop = RecordingStop()
+    store = FakeStore([db_error(), make_rows(1, 2), make_rows(3, 4), make_rows(5, 6)])
+    store.on_claim = lambda n: stop.request() if n == 4 else None
+    with caplog.at_level(logging.INFO, logger="pool.poller"):
+        make_poller(store, stop=stop, batch_size=2).run()
+    assert len(fields_of(caplog, "database reachable again")) == 1
+    assert store.acked_ids() == [[1, 2], [3, 4], [5, 6]]
+
+
+def test_no_settling_retry_ends_at_the_instant_the_lease_does(clock: FakeClock) -> None:  # noqa: F811
+    # Lease 3.5 s from t=0: retries at 0.5 and 1.5; one more after 2 s would run at t=3.5, the
+    # very instant the lease may pass to another poller.
+    store = FakeStore([make_rows(1)])
+    store.errors["ack"] = [db_error() for _ in range(10)]
+    with pytest.raises(OperationalError):
+        make_poller(store, lease_seconds=3.5).run_once()
+    assert clock.sleeps == [0.5, 1.0]
