@@ -41,3 +41,19 @@ def test_a_sqlite_url_naming_a_missing_file_is_a_configuration_error_and_creates
     finally:
         store.close()
     assert not path.exists()
+
+
+def test_a_row_of_invalid_utf8_is_claimed_with_its_batch_and_its_bytes_kept(tmp_path) -> None:
+    # Decoding strictly would fail the whole batch's fetch, every time: no row of it would go out.
+    path = str(tmp_path / "signals.db")
+    store = open_store(make_settings(db_url=f"sqlite:///{path}"))
+    try:
+        store.init_schema()
+        with sqlite3.connect(path) as conn:
+            conn.execute("INSERT INTO signals (name, value, source, timestamp) VALUES"
+                         " (CAST(x'ff41' AS TEXT), 1.0, 's', '2026-01-02T03:04:05'),"
+                         " ('ok', 2.0, 's', '2026-01-02T03:04:05')")
+        claim = store.claim("me", 1, 0, 10, 30)
+    finally:
+        store.close()
+    assert [(r.id, r.name) for r in claim.rows] == [(1, "\udcffA"), (2, "ok")]
