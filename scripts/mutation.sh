@@ -61,7 +61,12 @@ case "$mode" in
             echo "mutation.sh: no surviving mutants in mutants/ (run scripts/mutation.sh first)" >&2
             exit 2
         fi
+        # mutmut forgets the verdicts of the mutants it does not rerun: they are put back.
+        saved=$(mktemp -d)
+        .venv/bin/python scripts/mutation_keep_verdicts.py save "$saved"
         .venv/bin/mutmut run --max-children "${MUTATION_JOBS:-2}" "${names[@]}"
+        .venv/bin/python scripts/mutation_keep_verdicts.py restore "$saved"
+        rm -rf "$saved"
         ;;
 esac
 echo
