@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from pool.errors import ConfigError
 from pool.seeding import generate_signals
 from pool.store import Unreadable, open_store
 from pool.store.base import Failure, Lease, first_line
@@ -217,3 +218,30 @@ def test_an_insert_wakes_the_listeners_of_its_own_table_only(pg_url):
             listener.close()
         for store in stores:
             store.close()
+
+
+def test_a_fresh_postgres_store_reads_backlog_age_without_a_schema_check_first(pg_url):
+    # `pool status` and retention open a store and ask at once: the timestamp column's type is
+    # looked up on first use, not only by check_schema.
+    maker = open_store(make_settings(db_url=pg_url))
+    maker.init_schema()
+    seed(maker, 1)
+    set_time(maker, "signals", "timestamp", -60, "id = 1")
+    maker.close()
+    store = open_store(make_settings(db_url=pg_url))
+    try:
+        age = store.backlog_stats(1).oldest_age_seconds
+        assert age is not None and 59 <= age < 90
+        assert store.count_prunable(30) == 0
+    finally:
+        store.close()
+
+
+def test_retention_on_a_table_without_the_timestamp_column_names_it(pg_url):
+    open_store(make_settings(db_url=pg_url)).init_schema()
+    store = open_store(make_settings(db_url=pg_url, column_timestamp="created"))
+    try:
+        with pytest.raises(ConfigError, match="table 'signals' has no column 'created'"):
+            store.count_prunable(60)
+    finally:
+        store.close()
