@@ -245,3 +245,10 @@ def test_retention_on_a_table_without_the_timestamp_column_names_it(pg_url):
             store.count_prunable(60)
     finally:
         store.close()
+
+
+def test_a_row_stamped_in_the_future_is_waiting_for_zero_seconds(store):
+    # A producer whose clock runs ahead: its rows are not "waiting for -60 s" (nor for 1 s).
+    seed(store, 1)
+    set_time(store, "signals", "timestamp", 60, "id = 1")
+    assert store.backlog_stats(1).oldest_age_seconds == 0.0
