@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.exc import DBAPIError
 
 from pool.errors import ConfigError
@@ -252,3 +252,55 @@ def test_a_row_stamped_in_the_future_is_waiting_for_zero_seconds(store):
     seed(store, 1)
     set_time(store, "signals", "timestamp", 60, "id = 1")
     assert store.backlog_stats(1).oldest_age_seconds == 0.0
+
+
+def test_a_claim_of_several_shards_or_none(store):
+    seed(store, 12)
+    claim = store.claim("a", 4, [0, 2], 100, 30)
+    assert [r.id for r in claim.rows] == [2, 4, 6, 8, 10, 12]
+    # A poller that holds no shard at the moment claims nothing and takes no row.
+    empty = store.claim("b", 4, [], 100, 30)
+    assert (empty.lease.owner, empty.rows, empty.reclaimed) == ("b", [], 0)
+    assert store.counts().unprocessed == 12
+
+
+def test_check_schema_says_the_database_cannot_be_reached_without_its_password(pg_url):
+    url = make_url(pg_url).set(database="pool_no_such_db", password="s3cret-pw")
+    store = open_store(make_settings(db_url=url.render_as_string(hide_password=False)))
+    try:
+        with pytest.raises(ConfigError) as caught:
+            store.check_schema()
+    finally:
+        store.close()
+    message = str(caught.value)
+    shown = url.render_as_string(hide_password=True)
+    assert message.startswith(f"cannot reach database {shown}: ")
+    driver_line = message.removeprefix(f"cannot reach database {shown}")
+    assert 'database "pool_no_such_db" does not exist' in driver_line
+    assert "s3cret-pw" not in message and "[SQL" not in message
+
+
+def test_check_schema_names_the_missing_table_columns_and_shard_tables(pg_url):
+    store = open_store(make_settings(db_url=pg_url))
+    try:
+        with pytest.raises(ConfigError, match=r"table 'signals' not found in .*; run `pool init-db` first$"):
+            store.check_schema()
+        with store.engine.begin() as conn:
+            conn.execute(text("CREATE TABLE signals (id BIGINT PRIMARY KEY, name TEXT, value FLOAT,"
+                              " source TEXT, timestamp TIMESTAMPTZ, processed INT, attempts INT)"))
+        with pytest.raises(ConfigError) as caught:
+            store.check_schema()
+        assert str(caught.value) == (
+            "table 'signals' lacks column(s) lease_owner, lease_until, lease_token, next_attempt_at,"
+            " last_error, dead_at; run `pool init-db` to add the relay's columns")
+        store.init_schema()
+        meta, shards, _members = store.shard_table_names()
+        with store.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {meta}"))
+            conn.execute(text(f"DROP TABLE {shards}"))
+        with pytest.raises(ConfigError) as caught:
+            store.check_schema()
+        assert str(caught.value) == (
+            f"table(s) {meta}, {shards} for shard leases not found; run `pool init-db` to create them")
+    finally:
+        store.close()
