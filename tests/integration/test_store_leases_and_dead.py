@@ -304,3 +304,24 @@ def test_check_schema_names_the_missing_table_columns_and_shard_tables(pg_url):
             f"table(s) {meta}, {shards} for shard leases not found; run `pool init-db` to create them")
     finally:
         store.close()
+
+
+def test_a_connection_lost_again_on_the_retry_is_a_database_error_and_the_store_recovers(pg_url):
+    # What a database that restarts twice in a row does: the statement is tried twice, then its
+    # error goes to the poller, which backs off from database errors (any other error ends it).
+    store = open_store(make_settings(db_url=pg_url))
+    store.init_schema()
+    seed(store, 2)
+    tries = []
+
+    def dies(conn):
+        tries.append(1)
+        return conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())")).all()
+
+    try:
+        with pytest.raises(DBAPIError) as caught:
+            store._one_statement(dies)
+        assert caught.value.connection_invalidated and len(tries) == 2
+        assert [r.id for r in store.claim("a", 1, 0, 10, 30).rows] == [1, 2]
+    finally:
+        store.close()
