@@ -325,3 +325,23 @@ def test_a_connection_lost_again_on_the_retry_is_a_database_error_and_the_store_
         assert [r.id for r in store.claim("a", 1, 0, 10, 30).rows] == [1, 2]
     finally:
         store.close()
+
+
+def test_init_db_of_a_new_table_reports_it_created_not_columns_added(store):
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE signals"))
+    changes = store.init_schema()
+    assert changes.created_table and changes.added_columns == ()
+
+
+def test_sqlite_tables_that_differ_in_case_only_share_their_shard_tables(sqlite_url):
+    # SQLite: `Signals_...` and `signals_...` are one table, even past the length where
+    # derived names take a hash of the table's name.
+    table = "Signals_" + "x" * 50
+    stores = [open_store(make_settings(db_url=sqlite_url, table=t)) for t in (table, table.lower())]
+    try:
+        metas = [s.shard_table_names()[0] for s in stores]
+        assert metas[0].lower() == metas[1].lower() and len(metas[0]) <= 63
+    finally:
+        for s in stores:
+            s.close()
