@@ -1,0 +1,192 @@
+"""What each publish path returns for the rows it could not send: rejected rows with their
+reason while the others still go, the rest unsent on a stop or a broker outage, the publisher a
+URL scheme gets, and a broker error stored without the broker's password."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from pool.amqp_batch import AmqpBatchPublisher
+from pool.publisher import Publisher, create_publisher
+from pool.redis_batch import RedisBatchPublisher
+from pool.seeding import generate_signals
+from pool.store import ClaimedRow
+from tests.helpers import filesystem_messages, make_settings, redis_messages
+from tests.tcp_proxy import TcpProxy
+
+
+def rows(count: int, start: int = 1) -> list[ClaimedRow]:
+    return [ClaimedRow(id=start + i, attempts=0, **s)
+            for i, s in enumerate(generate_signals(count, seed=start))]
+
+
+def with_row(batch: list[ClaimedRow], row_id: int, **change) -> list[ClaimedRow]:
+    return [ClaimedRow(**{**vars(r), **change}) if r.id == row_id else r for r in batch]
+
+
+class Unprintable:
+    """A value a database driver might hand over whose text form cannot be read."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text form\nsecond line")
+
+
+def stop_after(count: int, then=lambda: None):
+    """keep_going() that says yes `count` times, then calls `then` and says no."""
+    calls = []
+
+    def keep_going() -> bool:
+        calls.append(1)
+        if len(calls) > count:
+            then()
+            return False
+        return True
+    return keep_going
+
+
+def cut_before(number: int, proxy: TcpProxy):
+    """keep_going() that cuts the broker off just before the `number`th row is sent."""
+    calls = []
+
+    def keep_going() -> bool:
+        calls.append(1)
+        if len(calls) == number:
+            proxy.cut()
+        return True
+    return keep_going
+
+
+@pytest.fixture
+def fs_settings(tmp_path, queue_name):
+    return make_settings(broker_url="filesystem://", broker_folder=str(tmp_path / "broker"),
+                         queue=queue_name, max_payload_bytes="1024")
+
+
+def test_send_task_path_rejects_a_row_with_its_reason_and_sends_the_others(fs_settings, tmp_path):
+    batch = with_row(with_row(rows(5), 2, name="x" * 2000), 4, source=Unprintable())
+    publisher = create_publisher(fs_settings)
+    assert type(publisher) is Publisher
+    try:
+        result = publisher.publish(batch)
+    finally:
+        publisher.close()
+    assert result.accepted == [1, 3, 5]
+    assert result.rejected[2].startswith("payload is ") and "over the 1024-byte maximum" in result.rejected[2]
+    assert result.rejected[4] == "RuntimeError: no text form"
+    assert (result.unsent, result.failed, result.broker_error) == ([], {}, None)
+    sent = filesystem_messages(tmp_path / "broker", fs_settings.queue)
+    assert sorted(m["id"] for m in sent) == ["signal-1", "signal-3", "signal-5"]
+
+
+def test_send_task_path_returns_the_rest_unsent_once_asked_to_stop(fs_settings, tmp_path):
+    publisher = Publisher(fs_settings)
+    try:
+        result = publisher.publish(rows(5), keep_going=stop_after(2))
+        # The publisher stays usable after a stop.
+        again = publisher.publish(rows(1, start=6))
+    finally:
+        publisher.close()
+    assert (result.accepted, result.unsent, result.broker_error) == ([1, 2], [3, 4, 5], None)
+    assert again.accepted == [6]
+    sent = filesystem_messages(tmp_path / "broker", fs_settings.queue)
+    assert sorted(m["id"] for m in sent) == ["signal-1", "signal-2", "signal-6"]
+
+
+def test_send_task_path_leaves_the_rest_unsent_when_the_broker_goes_mid_batch(redis_url, queue_name):
+    """Redis through a proxy, cut after two rows went out: the rest come back unsent with the
+    broker's error, at once (no retry), and the same publisher sends again once Redis is back."""
+    upstream = urlsplit(redis_url)
+    proxy = TcpProxy(upstream.hostname, upstream.port)
+    url = f"redis://:pw-Secret-42@127.0.0.1:{proxy.port}{upstream.path}"
+    publisher = Publisher(make_settings(broker_url=url, queue=queue_name))
+    try:
+        started = time.monotonic()
+        result = publisher.publish(rows(5), keep_going=cut_before(3, proxy))
+        elapsed = time.monotonic() - started
+        assert (result.accepted, result.unsent, result.failed) == ([1, 2], [3, 4, 5], {})
+        assert result.broker_error and "pw-Secret-42" not in result.broker_error
+        assert elapsed < 0.5, f"a lost broker took {elapsed:.1f} s to report: retried?"
+        proxy.restore()
+        assert publisher.publish(rows(2, start=6)).accepted == [6, 7]
+    finally:
+        publisher.close()
+        proxy.close()
+    assert sorted(m["id"] for m in redis_messages(redis_url, queue_name)) == [
+        "signal-1", "signal-2", "signal-6", "signal-7"]
+
+
+def test_a_broker_error_is_stored_without_the_broker_password():
+    url = "amqp://user:pw-Secret-42@127.0.0.1:1/vhost"
+    publisher = Publisher(make_settings(broker_url=url))
+    try:
+        described = publisher._describe(OSError(f"cannot reach {url}\nmore detail"))
+    finally:
+        publisher.close()
+    assert described.startswith("OSError: cannot reach amqp://user:")
+    assert "pw-Secret-42" not in described and "more detail" not in described
+
+
+def test_a_refused_broker_costs_one_retry_not_more():
+    publisher = Publisher(make_settings(broker_url="redis://127.0.0.1:1/0"))
+    try:
+        started = time.monotonic()
+        result = publisher.publish(rows(2))
+        elapsed = time.monotonic() - started
+    finally:
+        publisher.close()
+    assert result.unsent == [1, 2] and result.broker_error
+    # kombu waits 2 s before its one retry; a second retry would add 4 s more.
+    assert elapsed < 4.5, f"a refused broker took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize(("url", "kind"), [
+    ("redis://127.0.0.1:1/0", RedisBatchPublisher),
+    ("rediss://127.0.0.1:1/0?ssl_cert_reqs=required", RedisBatchPublisher),
+    ("amqp://guest:guest@127.0.0.1:1//", AmqpBatchPublisher),
+    ("amqps://guest:guest@127.0.0.1:1//", AmqpBatchPublisher),
+    ("pyamqp://guest:guest@127.0.0.1:1//", AmqpBatchPublisher),
+    ("filesystem://", Publisher),
+    ("memory://", Publisher),
+])
+def test_each_broker_scheme_gets_its_publisher(url, kind, tmp_path):
+    publisher = create_publisher(make_settings(broker_url=url, broker_folder=str(tmp_path)))
+    try:
+        assert type(publisher) is kind
+    finally:
+        publisher.close()
+
+
+def test_a_batch_asked_to_stop_before_it_starts_sends_nothing(redis_url, queue_name):
+    publisher = create_publisher(make_settings(broker_url=redis_url, queue=queue_name,
+                                               max_payload_bytes="1024"))
+    try:
+        stopped = publisher.publish(rows(3), keep_going=lambda: False)
+        mixed = publisher.publish(with_row(rows(3, start=4), 5, name="x" * 2000))
+    finally:
+        publisher.close()
+    assert (stopped.accepted, stopped.unsent, stopped.broker_error) == ([], [1, 2, 3], None)
+    assert mixed.accepted == [4, 6] and list(mixed.rejected) == [5] and not mixed.unsent
+    assert sorted(m["id"] for m in redis_messages(redis_url, queue_name)) == ["signal-4", "signal-6"]
+
+
+def test_redis_batch_after_an_outage_sends_again_once_redis_is_back(redis_url, queue_name):
+    upstream = urlsplit(redis_url)
+    proxy = TcpProxy(upstream.hostname, upstream.port)
+    url = f"redis://127.0.0.1:{proxy.port}{upstream.path}"
+    publisher = create_publisher(make_settings(broker_url=url, queue=queue_name))
+    try:
+        assert publisher.publish(rows(2)).accepted == [1, 2]
+        proxy.cut()
+        lost = publisher.publish(rows(2, start=3))
+        assert (lost.accepted, lost.unsent) == ([], [3, 4]) and lost.broker_error
+        proxy.restore()
+        assert publisher.publish(rows(2, start=5)).accepted == [5, 6]
+        assert publisher.publish(rows(1, start=7)).accepted == [7]
+    finally:
+        publisher.close()
+        proxy.close()
+    assert sorted(m["id"] for m in redis_messages(redis_url, queue_name)) == [
+        f"signal-{i}" for i in (1, 2, 5, 6, 7)]
