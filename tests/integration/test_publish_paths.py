@@ -190,3 +190,103 @@ def test_redis_batch_after_an_outage_sends_again_once_redis_is_back(redis_url, q
         proxy.close()
     assert sorted(m["id"] for m in redis_messages(redis_url, queue_name)) == [
         f"signal-{i}" for i in (1, 2, 5, 6, 7)]
+
+
+def amqp_messages(amqp_url: str, queue_name: str) -> list[dict]:
+    """Every message on a RabbitMQ queue as a worker receives it, taking them off it."""
+    from kombu import Connection
+
+    with Connection(amqp_url) as conn:
+        channel = conn.channel()
+        found = []
+        while (message := channel.basic_get(queue_name, no_ack=True)) is not None:
+            properties = {k: v for k, v in message.properties.items() if k != "reply_to"}
+            found.append({"headers": message.headers, "properties": properties,
+                          "body": message.body, "content_type": message.content_type,
+                          "content_encoding": message.content_encoding,
+                          "routing_key": message.delivery_info["routing_key"],
+                          "replied_to": bool(message.properties.get("reply_to"))})
+        conn.default_channel.queue_delete(queue_name)
+        return found
+
+
+def test_amqp_batch_messages_equal_send_task_messages(amqp_url, queue_name):
+    """A batch RabbitMQ confirmed reports no error, and what lands on a queue that did not
+    exist before is what send_task publishes, field by field."""
+    settings = make_settings(broker_url=amqp_url, queue=queue_name)
+    reference = Publisher(settings)
+    batched = create_publisher(settings)
+    assert type(batched) is AmqpBatchPublisher
+    batch = rows(4)
+    try:
+        assert reference.publish(batch).accepted == [1, 2, 3, 4]
+        by_send_task = amqp_messages(amqp_url, queue_name)  # deletes the queue
+        result = batched.publish(batch)
+        assert (result.accepted, result.unsent, result.broker_error) == ([1, 2, 3, 4], [], None)
+        by_batch = amqp_messages(amqp_url, queue_name)
+        again = batched.publish(rows(2, start=5))
+        assert (again.accepted, again.broker_error) == ([5, 6], None)
+    finally:
+        reference.close()
+        batched.close()
+    for message in by_send_task + by_batch:
+        message["headers"].pop("origin")
+    assert by_batch == by_send_task
+    assert [m["headers"]["id"] for m in by_batch] == [f"signal-{i}" for i in (1, 2, 3, 4)]
+    assert all(m["replied_to"] for m in by_batch)
+
+
+def test_amqp_nacked_rows_come_back_unsent_at_once_with_the_count(amqp_url, queue_name):
+    from kombu import Exchange, Queue
+
+    publisher = create_publisher(make_settings(broker_url=amqp_url, queue=queue_name))
+    # A queue that holds two messages and nacks any publish beyond them: a real refusal.
+    bounded = {"x-max-length": 2, "x-overflow": "reject-publish"}
+    publisher.app.conf.task_queues = [Queue(queue_name, Exchange(queue_name), routing_key=queue_name,
+                                            queue_arguments=bounded)]
+    try:
+        started = time.monotonic()
+        result = publisher.publish(rows(5))
+        elapsed = time.monotonic() - started
+    finally:
+        amqp_messages(amqp_url, queue_name)
+        publisher.close()
+    assert (result.accepted, result.unsent) == ([1, 2], [3, 4, 5])
+    assert result.broker_error == "RabbitMQ nacked 3 message(s)"
+    # Settled by the nacks themselves, not by waiting out the confirm timeout.
+    assert elapsed < 5, f"{elapsed:.1f} s"
+
+
+def test_amqp_confirms_that_never_come_end_the_batch_with_the_rows_unsent(amqp_url, queue_name, monkeypatch):
+    import threading
+
+    import pool.amqp_batch
+
+    monkeypatch.setattr(pool.amqp_batch, "CONFIRM_TIMEOUT", 2.0)
+    upstream = urlsplit(amqp_url)
+    proxy = TcpProxy(upstream.hostname, upstream.port)
+    url = amqp_url.replace(f"{upstream.hostname}:{upstream.port}", f"127.0.0.1:{proxy.port}")
+    publisher = create_publisher(make_settings(broker_url=url, queue=queue_name))
+    # Should the wait never end, cutting the connection ends it (late, so the test fails).
+    safety = threading.Timer(8, proxy.cut)
+    try:
+        assert publisher.publish(rows(2)).accepted == [1, 2]
+        proxy.hold()  # RabbitMQ goes silent: no confirm comes back
+        safety.start()
+        started = time.monotonic()
+        result = publisher.publish(rows(3, start=3))
+        elapsed = time.monotonic() - started
+        safety.cancel()
+        proxy.cut()
+        proxy.restore()  # RabbitMQ answers again: the same publisher sends
+        assert publisher.publish(rows(1, start=6)).accepted == [6]
+    finally:
+        safety.cancel()
+        proxy.cut()
+        publisher.close()
+        proxy.close()
+        amqp_messages(amqp_url, queue_name)
+    assert (result.accepted, result.unsent) == ([], [3, 4, 5])
+    assert result.broker_error.startswith("TimeoutError")
+    # The confirm timeout, then the broken connection dropped without waiting for RabbitMQ.
+    assert 1.8 < elapsed < 6, f"{elapsed:.1f} s"
