@@ -276,6 +276,10 @@ def test_amqp_confirms_that_never_come_end_the_batch_with_the_rows_unsent(amqp_u
         started = time.monotonic()
         result = publisher.publish(rows(3, start=3))
         elapsed = time.monotonic() - started
+        assert (result.accepted, result.unsent) == ([], [3, 4, 5])
+        assert result.broker_error.startswith("TimeoutError")
+        # The confirm timeout, then the broken connection dropped without waiting for RabbitMQ.
+        assert 1.8 < elapsed < 6, f"{elapsed:.1f} s"
         safety.cancel()
         proxy.cut()
         proxy.restore()  # RabbitMQ answers again: the same publisher sends
@@ -286,7 +290,3 @@ def test_amqp_confirms_that_never_come_end_the_batch_with_the_rows_unsent(amqp_u
         publisher.close()
         proxy.close()
         amqp_messages(amqp_url, queue_name)
-    assert (result.accepted, result.unsent) == ([], [3, 4, 5])
-    assert result.broker_error.startswith("TimeoutError")
-    # The confirm timeout, then the broken connection dropped without waiting for RabbitMQ.
-    assert 1.8 < elapsed < 6, f"{elapsed:.1f} s"
