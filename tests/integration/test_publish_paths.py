@@ -107,7 +107,8 @@ def test_send_task_path_leaves_the_rest_unsent_when_the_broker_goes_mid_batch(re
         result = publisher.publish(rows(5), keep_going=cut_before(3, proxy))
         elapsed = time.monotonic() - started
         assert (result.accepted, result.unsent, result.failed) == ([1, 2], [3, 4, 5], {})
-        assert result.broker_error and "pw-Secret-42" not in result.broker_error
+        assert result.broker_error.startswith(("OperationalError: ", "ConnectionError: "))
+        assert "pw-Secret-42" not in result.broker_error
         assert elapsed < 0.5, f"a lost broker took {elapsed:.1f} s to report: retried?"
         proxy.restore()
         assert publisher.publish(rows(2, start=6)).accepted == [6, 7]
@@ -181,7 +182,8 @@ def test_redis_batch_after_an_outage_sends_again_once_redis_is_back(redis_url, q
         assert publisher.publish(rows(2)).accepted == [1, 2]
         proxy.cut()
         lost = publisher.publish(rows(2, start=3))
-        assert (lost.accepted, lost.unsent) == ([], [3, 4]) and lost.broker_error
+        assert (lost.accepted, lost.unsent) == ([], [3, 4])
+        assert lost.broker_error.startswith(("OperationalError: ", "ConnectionError: "))
         proxy.restore()
         assert publisher.publish(rows(2, start=5)).accepted == [5, 6]
         assert publisher.publish(rows(1, start=7)).accepted == [7]
