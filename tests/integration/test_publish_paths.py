@@ -124,10 +124,14 @@ def test_a_broker_error_is_stored_without_the_broker_password():
     publisher = Publisher(make_settings(broker_url=url))
     try:
         described = publisher._describe(OSError(f"cannot reach {url}\nmore detail"))
+        # A client library quoting the password alone, outside any URL (urllib on a password
+        # that breaks the URL's parsing does so).
+        bare = publisher._describe(ValueError("Port could not be cast to integer value as 'pw-Secret-42'"))
     finally:
         publisher.close()
     assert described.startswith("OSError: cannot reach amqp://user:")
     assert "pw-Secret-42" not in described and "more detail" not in described
+    assert bare.startswith("ValueError: Port could not be cast") and "pw-Secret-42" not in bare
 
 
 def test_a_refused_broker_costs_one_retry_not_more():
