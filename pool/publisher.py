@@ -56,12 +56,14 @@ class Publisher:
             self._producer = self.app.amqp.Producer(self._connection, auto_declare=True)
         return self._producer
 
-    def _reset(self) -> None:
+    def _reset(self, broken: bool = False) -> None:
         connection, self._connection, self._producer = self._connection, None, None
         if connection is not None:
-            # A broken connection may fail to close too; it is being dropped either way.
+            # A broken connection may fail to close too; it is being dropped either way. Nor is
+            # it asked to close: AMQP's close waits, without a timeout, for the broker's reply,
+            # so a RabbitMQ that stopped answering would hang the poller for good.
             with contextlib.suppress(Exception):
-                connection.close()
+                connection.collect() if broken else connection.close()
 
     def build_payloads(self, rows: Sequence[ClaimedRow], result: PublishResult) -> list[Prepared]:
         """Every row that can be published, prepared; the others go to rejected."""
@@ -105,7 +107,7 @@ class Publisher:
                     continue
                 result.broker_error = self._describe(exc)
                 result.unsent.extend(p.id for p in payloads[position:])
-                self._reset()
+                self._reset(broken=True)
                 break
             result.accepted.append(row_id)
         return result
@@ -143,7 +145,7 @@ class BatchPublisher(Publisher):
         except Exception as exc:  # noqa: BLE001 - see "Where an error happens" above
             result.broker_error = self._describe(exc)
             accepted = self.accepted_before_failure()
-            self._reset()
+            self._reset(broken=True)
         result.accepted.extend(p.id for p in payloads if p.id in accepted)
         result.unsent.extend(p.id for p in payloads if p.id not in accepted)
         return result

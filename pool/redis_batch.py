@@ -116,8 +116,8 @@ class RedisBatchPublisher(BatchPublisher):
             "delivery_tag": '"' + delivery_tag + '"',
         })
 
-    def _reset(self) -> None:
-        super()._reset()
+    def _reset(self, broken: bool = False) -> None:
+        super()._reset(broken)
         self._template = None
         self._client = None
 

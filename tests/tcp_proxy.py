@@ -9,13 +9,16 @@ import threading
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to an upstream. `cut()` refuses new connections and drops the
-    open ones, as a stopped server would; `restore()` listens on the same port again."""
+    open ones, as a stopped server would; `restore()` listens on the same port again. `hold()`
+    keeps the connections open but forwards nothing more, as a server that hangs would."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self.upstream = (upstream_host, upstream_port)
         self._lock = threading.Lock()
         self._connections: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._flowing = threading.Event()
+        self._flowing.set()
         probe = socket.create_server(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
         probe.close()
@@ -29,7 +32,11 @@ class TcpProxy:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
+    def hold(self) -> None:
+        self._flowing.clear()
+
     def cut(self) -> None:
+        self._flowing.set()  # held data goes nowhere: its sockets are shut below
         listener, self._listener = self._listener, None
         if listener is not None:
             with contextlib.suppress(OSError):
@@ -61,10 +68,12 @@ class TcpProxy:
             for source, target in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
+                if self._listener is None:  # cut while this data was held
+                    return
                 target.sendall(data)
         except OSError:
             pass
