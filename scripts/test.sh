@@ -30,7 +30,7 @@ fi
 # the few marked exclusive (they restart PostgreSQL) run alone afterwards. "No tests selected"
 # (exit 5) from one of the two runs is fine when the arguments select only the other's tests.
 status=0
-.venv/bin/pytest -n "${POOL_TEST_WORKERS:-2}" -m "not exclusive" "$@" || status=$?
+.venv/bin/pytest -n "${POOL_TEST_WORKERS:-2}" --dist worksteal -m "not exclusive" "$@" || status=$?
 exclusive=0
 .venv/bin/pytest -m exclusive "$@" || exclusive=$?
 if [ "$status" = 5 ] && [ "$exclusive" != 5 ]; then status=0; fi
