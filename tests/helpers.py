@@ -147,6 +147,28 @@ def comparable(raw: bytes | str) -> dict:
     return message
 
 
+def redis_lpush_both_ways(settings, batch) -> tuple[list[int], list[dict], list[int], list[dict]]:
+    """Publish `batch` to Redis once with send_task (the reference Publisher) and once with the
+    publisher the settings get; returns each one's accepted ids and comparable messages."""
+    import redis
+
+    from pool.publisher import Publisher, create_publisher
+
+    reference, batched = Publisher(settings), create_publisher(settings)
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        accepted_by_send_task = reference.publish(batch).accepted
+        by_send_task = [comparable(m) for m in client.lrange(settings.queue, 0, -1)]
+        client.delete(settings.queue)
+        accepted_by_batch = batched.publish(batch).accepted
+        by_batch = [comparable(m) for m in client.lrange(settings.queue, 0, -1)]
+    finally:
+        reference.close()
+        batched.close()
+        client.close()
+    return accepted_by_send_task, by_send_task, accepted_by_batch, by_batch
+
+
 def redis_messages(redis_url: str, queue_name: str) -> list[dict]:
     import redis
 

@@ -6,11 +6,11 @@ import json
 
 import redis
 
-from pool.publisher import Publisher, PublishResult, create_publisher
+from pool.publisher import PublishResult, create_publisher
 from pool.redis_batch import RedisBatchPublisher
 from pool.seeding import generate_signals
 from pool.store import ClaimedRow
-from tests.helpers import comparable, make_settings, redis_messages
+from tests.helpers import make_settings, redis_lpush_both_ways, redis_messages
 
 
 def rows(count: int, start: int = 1) -> list[ClaimedRow]:
@@ -47,20 +47,11 @@ def test_redis_batch_messages_equal_send_task_messages(redis_url, queue_name):
     settings = make_settings(broker_url=redis_url, queue=queue_name)
     batch = rows(3) + [ClaimedRow(**{**vars(r), "id": r.id + 3}) for r in odd_rows()]
     count = len(batch)
-    reference = Publisher(settings)
-    batched = create_publisher(settings)
-    assert isinstance(batched, RedisBatchPublisher)
-    client = redis.Redis.from_url(redis_url)
-    try:
-        assert reference.publish(batch).accepted == list(range(1, count + 1))
-        by_send_task = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
-        client.delete(queue_name)
-        assert batched.publish(batch).accepted == list(range(1, count + 1))
-        by_batch = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
-    finally:
-        reference.close()
-        batched.close()
-        client.close()
+    probe = create_publisher(settings)
+    probe.close()
+    assert isinstance(probe, RedisBatchPublisher)
+    accepted_by_send_task, by_send_task, accepted_by_batch, by_batch = redis_lpush_both_ways(settings, batch)
+    assert accepted_by_send_task == accepted_by_batch == list(range(1, count + 1))
     assert by_batch == by_send_task
     # Queue order is publish order: the worker pops from the tail.
     assert [m["headers"]["id"] for m in by_batch] == [f"signal-{i}" for i in range(count, 0, -1)]

@@ -14,7 +14,7 @@ from pool.publisher import Publisher, create_publisher
 from pool.redis_batch import RedisBatchPublisher
 from pool.seeding import generate_signals
 from pool.store import ClaimedRow
-from tests.helpers import filesystem_messages, make_settings, redis_messages
+from tests.helpers import filesystem_messages, make_settings, redis_lpush_both_ways, redis_messages
 from tests.tcp_proxy import TcpProxy
 
 
@@ -301,24 +301,8 @@ def test_amqp_confirms_that_never_come_end_the_batch_with_the_rows_unsent(amqp_u
 def test_redis_batch_messages_equal_send_task_messages_for_a_task_name_holding_percent(
         redis_url, queue_name):
     """The batch template is a %-format string: a '%' in the task name is text, not a slot."""
-    import redis
-
-    from tests.helpers import comparable
-
     settings = make_settings(broker_url=redis_url, queue=queue_name, task_name="app.tasks.100%_%(id)s%s")
-    reference = Publisher(settings)
-    batched = create_publisher(settings)
-    client = redis.Redis.from_url(redis_url)
-    batch = rows(2)
-    try:
-        assert reference.publish(batch).accepted == [1, 2]
-        by_send_task = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
-        client.delete(queue_name)
-        assert batched.publish(batch).accepted == [1, 2]
-        by_batch = [comparable(m) for m in client.lrange(queue_name, 0, -1)]
-    finally:
-        reference.close()
-        batched.close()
-        client.close()
+    sent_task, by_send_task, sent_batch, by_batch = redis_lpush_both_ways(settings, rows(2))
+    assert sent_task == sent_batch == [1, 2]
     assert by_batch == by_send_task
     assert {m["headers"]["task"] for m in by_batch} == {"app.tasks.100%_%(id)s%s"}
