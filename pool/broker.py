@@ -53,10 +53,16 @@ def create_celery_app(settings: Settings, name: str = "pool") -> Celery:
 
 
 def with_short_timeouts(connection: Any, seconds: float) -> Any:
-    """A clone of a kombu connection whose connect and socket reads give up after `seconds`:
-    for calls that must not wait out a silent broker (a start-up check, the advisory queue depth)."""
+    """A clone of a kombu connection whose connect, and every read and write on its socket, give
+    up after `seconds`: for calls that must not wait out a broker that went silent."""
     return connection.clone(
         connect_timeout=seconds,
-        transport_options={**connection.transport_options, "socket_timeout": seconds,
-                           "socket_connect_timeout": seconds},
+        transport_options={
+            **connection.transport_options,
+            # redis-py's names
+            "socket_timeout": seconds, "socket_connect_timeout": seconds,
+            # py-amqp's: without them every AMQP reply (a queue declare, a channel open, a close)
+            # is waited for forever, and a RabbitMQ that stopped answering hangs the caller.
+            "read_timeout": seconds, "write_timeout": seconds,
+        },
     )

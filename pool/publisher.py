@@ -9,13 +9,18 @@ from dataclasses import dataclass, field
 
 from kombu.exceptions import EncodeError, KombuError, OperationalError
 
-from pool.broker import create_celery_app
+from pool.broker import create_celery_app, with_short_timeouts
 from pool.config import Settings
 from pool.payload import PayloadError, Prepared, prepare, task_id_for
 from pool.redact import redact_text
 from pool.store import ClaimedRow
 
 log = logging.getLogger(__name__)
+
+# Every connect, read and write on the publishing connection gives up after this long (waiting
+# for RabbitMQ's confirms has its own, longer limit): a broker that stopped answering fails the
+# batch, whose rows go back unsent, instead of holding them leased for good.
+BROKER_IO_TIMEOUT = 5.0
 
 # Where an error happens says whose it is. Building a row's payload, or serialising it, fails
 # for that row alone (rejected: dead at once, it would fail the same way again). On the
@@ -51,7 +56,7 @@ class Publisher:
 
     def _get_producer(self):
         if self._producer is None:
-            self._connection = self.app.connection_for_write()
+            self._connection = with_short_timeouts(self.app.connection_for_write(), BROKER_IO_TIMEOUT)
             self._connection.ensure_connection(max_retries=1)
             self._producer = self.app.amqp.Producer(self._connection, auto_declare=True)
         return self._producer
