@@ -25,6 +25,8 @@ _SECRET_PARAMETER = re.compile(
 # A configured URL is one URL, whatever it holds: a password such as `A://` must not be taken for
 # the start of another URL, as it is inside a message, where URLs may follow one another.
 _WHOLE_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>\S*)")
+# A URL's text up to the first `?` after its first `@` (all of it if there is none).
+_BEFORE_QUERY = re.compile(r"[^@]*@?[^?]*")
 
 
 def _urls_in(url: str) -> list[re.Match]:
@@ -37,13 +39,9 @@ def _split_userinfo(rest: str) -> tuple[str, str, str] | None:
 
     The password runs to the LAST `@`: a password may hold `@`, `:` and `/` unencoded, a host
     holds none of them."""
-    at = rest.rfind("@")
-    if at < 0:
-        return None
-    user, colon, password = rest[:at].partition(":")
-    if not colon:
-        return None
-    return user, password, rest[at:]
+    userinfo, at, after = rest.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    return (user, password, at + after) if colon else None
 
 
 def _redact_one(match: re.Match) -> str:
@@ -70,16 +68,12 @@ def secrets_of(url: str) -> set[str]:
     found: set[str] = set()
     for match in _urls_in(url):
         rest = match["rest"]
-        parts = _split_userinfo(rest)
-        if parts is not None:
-            password = parts[1]
-            found.add(password)
-            # With an `@` in the query too, a parser that ends the authority at the first `?`
-            # sees a shorter password.
-            query = rest.find("?", rest.find("@"))
-            last_at_before_query = rest.rfind("@", 0, query) if query >= 0 else -1
-            if last_at_before_query > 0:
-                found.add(rest[:last_at_before_query].partition(":")[2])
+        # With an `@` in the query too, a parser that ends the authority at the first `?` after
+        # an `@` sees a shorter password.
+        for authority in (rest, _BEFORE_QUERY.match(rest)[0]):
+            parts = _split_userinfo(authority)
+            if parts is not None:
+                found.add(parts[1])
         found.update(m["value"] for m in _SECRET_PARAMETER.finditer(rest))
     plain = found | {form for secret in found for form in (unquote(secret), unquote_plus(secret))}
     # Encoded as a URL writes it, as a form does (a space as +), and as SQLAlchemy renders a URL

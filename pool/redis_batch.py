@@ -75,40 +75,42 @@ class MessageTemplate:
 
 
 class RedisBatchPublisher(BatchPublisher):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._template: MessageTemplate | None = None
-        self._list_key = ""
-        self._client: Any = None
+    # Made anew with each connection (see send_batch): Celery's message as a template, the list
+    # kombu pushes it to, and a redis-py client on the channel's connection pool.
+    _target: tuple[MessageTemplate, str, Any]
 
-    def _build_template(self) -> MessageTemplate:
-        """One message built by Celery and kombu, captured just before kombu would push it."""
+    def _connect(self) -> tuple[MessageTemplate, str, Any]:
+        """A connection, and one message built on it by Celery and kombu, captured just before
+        kombu would push it."""
         producer = self._get_producer()
         channel = producer.channel
         captured: list[tuple[str, dict]] = []
 
         def capture(queue: str, message: dict[str, Any], **_kwargs: Any) -> None:
-            priority = channel._get_message_priority(message, reverse=False)
-            captured.append((channel._q_for_pri(queue, priority), message))
+            # kombu would push to `queue` itself: the messages have no priority (that would add a
+            # suffix), and the comparison with send_task's messages would see it if they had one.
+            captured.append((queue, message))
 
         channel._put = capture  # an instance attribute shadows the method for this channel only
         amqp = self.app.amqp
         name = self.settings.task_name
-        message = amqp.create_task_message("template", name, [{}], {}, reply_to=self.app.thread_oid,
-                                           ignore_result=None)
-        amqp.send_task_message(producer, name, message, queue=self.settings.queue, retry=False)
-        self._list_key, template = captured[0]
+        # As send_task builds it; the task id, args and the other per-message fields are filled
+        # in per row (MessageTemplate), so none is given here.
+        message = amqp.create_task_message(None, name, reply_to=self.app.thread_oid, ignore_result=None)
+        amqp.send_task_message(producer, name, message)
+        list_key, template = captured[0]
         # Round-trip through JSON so the template holds exactly what lands on the broker.
-        return MessageTemplate(loads(dumps(template)), amqp.argsrepr_maxsize)
+        # kombu makes a new redis-py client (some 0.2 ms of set-up) for every command it
+        # sends; one client on the channel's connection pool serves every batch.
+        return (MessageTemplate(loads(dumps(template)), amqp.argsrepr_maxsize), list_key,
+                channel._create_client())
 
-    def encode(self, prepared: Prepared, delivery_tag: str) -> str:
-        template = self._template
-        assert template is not None
+    def encode(self, template: MessageTemplate, prepared: Prepared, delivery_tag: str) -> str:
         row_id, payload, payload_json = prepared
         task_id = encode_basestring_ascii(task_id_for(row_id))
         body = "[[" + payload_json + BODY_END
         return template.fill({
-            "body": '"' + base64.b64encode(body.encode("ascii")).decode("ascii") + '"',
+            "body": '"' + base64.b64encode(body.encode()).decode() + '"',
             "id": task_id,
             "root_id": task_id,
             "argsrepr": encode_basestring_ascii(args_repr([payload], template.argsrepr_maxsize)),
@@ -116,21 +118,15 @@ class RedisBatchPublisher(BatchPublisher):
             "delivery_tag": '"' + delivery_tag + '"',
         })
 
-    def _reset(self, broken: bool = False) -> None:
-        super()._reset(broken)
-        self._template = None
-        self._client = None
-
     def send_batch(self, payloads: list[Prepared]) -> tuple[set[int], str | None]:
-        if self._template is None:
-            self._template = self._build_template()
-            # kombu makes a new redis-py client (some 0.2 ms of set-up) for every command it
-            # sends; one client on the channel's connection pool serves every batch.
-            self._client = self._producer.channel._create_client()
+        # No producer: the first batch, or the last connection failed or was closed (_reset).
+        if self._producer is None:
+            self._target = self._connect()
+        template, list_key, client = self._target
         # kombu gives each message a uuid4 as its delivery tag; a fresh uuid4 per batch with the
         # message's position in its last 12 digits is as unique, at a tenth of the cost.
         batch_tag = str(uuid.uuid4())[:24]
-        encoded = [self.encode(prepared, f"{batch_tag}{position:012x}")
+        encoded = [self.encode(template, prepared, f"{batch_tag}{position:012x}")
                    for position, prepared in enumerate(payloads)]
-        self._client.lpush(self._list_key, *encoded)
+        client.lpush(list_key, *encoded)
         return {prepared.id for prepared in payloads}, None

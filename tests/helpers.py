@@ -139,11 +139,12 @@ VOLATILE = {("properties", "delivery_tag"), ("properties", "reply_to"), ("header
 
 
 def comparable(raw: bytes | str) -> dict:
-    """A raw message as kombu stores it on Redis, without the fields that differ per publish,
-    for a field by field comparison with what `send_task` writes."""
+    """A raw message as kombu stores it on Redis, for a field by field comparison with what
+    `send_task` writes. The fields that differ per publish, per process or per Celery app say
+    only whether they are set: each message must have one, whatever it is."""
     message = json.loads(raw)
     for section, key in VOLATILE:
-        message[section].pop(key, None)
+        message[section][key] = bool(message[section].get(key))
     return message
 
 

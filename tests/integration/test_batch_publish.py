@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import redis
 
@@ -65,9 +66,12 @@ def test_redis_batch_is_one_atomic_push_and_reports_an_outage_as_unsent(redis_ur
         assert len(result.accepted) == 500
         assert publisher.publish(rows(500, start=501)).accepted == list(range(501, 1001))
         assert len({m["id"] for m in redis_messages(redis_url, queue_name)}) == 1000
-        # The worker keeps unacknowledged messages under their delivery tag: each must be unique.
+        # The worker keeps unacknowledged messages under their delivery tag: each must be unique,
+        # and a uuid in its usual form, as kombu's own tags are.
         raw = redis.Redis.from_url(redis_url).lrange(queue_name, 0, -1)
-        assert len({json.loads(m)["properties"]["delivery_tag"] for m in raw}) == 1000
+        tags = {json.loads(m)["properties"]["delivery_tag"] for m in raw}
+        assert len(tags) == 1000
+        assert all(str(uuid.UUID(tag)) == tag for tag in tags)
     finally:
         publisher.close()
     result = publish_to_a_broker_that_is_down("redis://127.0.0.1:1/0", queue_name, 5)

@@ -142,3 +142,30 @@ def test_the_secrets_of_every_url_given_are_hidden() -> None:
 def test_a_secret_holding_another_is_hidden_whole() -> None:
     # "zz" inside "azz": hiding the shorter one first would leave "a***" behind.
     assert redact_text("token azz refused", "redis://:zz@127.0.0.1/0?token=azz") == "token *** refused"
+
+
+def test_a_configured_url_whose_password_looks_like_a_url_is_redacted_as_one_url() -> None:
+    # Inside a message `pa://` would start another URL; a configured URL is one URL whatever it holds.
+    url = "redis://:pa://ss@cache/0"
+    assert redact_url(url) == "redis://:***@cache/0"
+    assert redact_text("AUTH pa://ss refused", url) == "AUTH *** refused"
+
+
+def test_a_configured_url_with_a_trailing_newline_still_has_its_password_hidden() -> None:
+    # As read from a file: not one URL any more (the newline), so the URL is found inside it.
+    assert redact_text("AUTH s3cret refused", "redis://:s3cret@cache/0\n") == "AUTH *** refused"
+
+
+def test_a_form_encoded_password_is_hidden_when_printed_fully_percent_encoded() -> None:
+    # `a+b%2Fc` form-decodes to `a b/c`, which a driver may print as `a%20b%2Fc`.
+    assert redact_text("AUTH a%20b%2Fc refused", "redis://:a+b%2Fc@cache/0") == "AUTH *** refused"
+
+
+def test_a_password_is_hidden_in_the_url_as_sqlalchemy_renders_it() -> None:
+    from sqlalchemy.engine import make_url
+
+    url = "postgresql://u:p%20w%2Bd%2Fx@db/x"  # the password is `p w+d/x`
+    rendered = make_url(url).render_as_string(hide_password=False)
+    assert rendered == "postgresql://u:p w+d%2Fx@db/x"  # space and + as they are
+    assert redact_text(f"cannot connect to {rendered}: refused", url) == (
+        "cannot connect to postgresql://u:***@db/x: refused")
