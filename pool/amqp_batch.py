@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pool.config import Settings
 from pool.payload import Prepared, task_id_for
 from pool.publisher import BatchPublisher
 
@@ -20,10 +21,11 @@ CONFIRM_TIMEOUT = 10.0
 
 
 class AmqpBatchPublisher(BatchPublisher):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._captured: list[tuple[Any, str, str, bool, bool]] = []
-        self._next_tag = 1  # confirm-mode delivery tags count publishes on a channel from 1
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._captured: list[tuple[Any, dict[str, Any]]] = []  # kombu's basic_publish calls
+        # Confirm-mode delivery tags count publishes on a channel from 1: set with each channel.
+        self._next_tag: int
         self._outstanding: dict[int, int] = {}  # delivery tag -> row id
         self._confirmed: set[int] = set()  # row ids
         self._nacked: set[int] = set()
@@ -35,9 +37,8 @@ class AmqpBatchPublisher(BatchPublisher):
             self._next_tag = 1
             self._outstanding.clear()
 
-            def capture(message: Any, exchange: str = "", routing_key: str = "", mandatory: bool = False,
-                        immediate: bool = False, **_kwargs: Any) -> None:
-                self._captured.append((message, exchange, routing_key, mandatory, immediate))
+            def capture(message: Any, **publish_kwargs: Any) -> None:
+                self._captured.append((message, publish_kwargs))
 
             def settle(into: set[int]) -> Callable[[int, bool], None]:
                 def handler(delivery_tag: int, multiple: bool) -> None:
@@ -66,14 +67,17 @@ class AmqpBatchPublisher(BatchPublisher):
         self._captured.clear()
         self._confirmed.clear()
         self._nacked.clear()
+        batch = []
         for row_id, payload, _json in payloads:
-            message = amqp.create_task_message(task_id_for(row_id), name, [payload], {},
+            message = amqp.create_task_message(task_id_for(row_id), name, [payload],
                                                reply_to=self.app.thread_oid, ignore_result=None)
-            amqp.send_task_message(producer, name, message, queue=self.settings.queue, retry=False)
-        for (message, exchange, routing_key, mandatory, immediate), row_id in zip(
-            self._captured, (p.id for p in payloads), strict=True
-        ):
-            channel._basic_publish(message, exchange, routing_key, mandatory, immediate)
+            # No retry: on a lost broker kombu would reconnect and publish on a new channel,
+            # one without the capture, waiting for each confirm on its own.
+            amqp.send_task_message(producer, name, message, retry=False)
+            batch.append((row_id, *self._captured.pop()))  # exactly one publish per message
+        for row_id, message, publish_kwargs in batch:
+            # Not the confirm-mode publish kombu would call: that one waits for each confirm.
+            channel._basic_publish(message, **publish_kwargs)
             self._outstanding[self._next_tag] = row_id
             self._next_tag += 1
         self._wait_for_confirms()

@@ -58,7 +58,7 @@ class Publisher:
         if self._producer is None:
             self._connection = with_short_timeouts(self.app.connection_for_write(), BROKER_IO_TIMEOUT)
             self._connection.ensure_connection(max_retries=1)
-            self._producer = self.app.amqp.Producer(self._connection, auto_declare=True)
+            self._producer = self.app.amqp.Producer(self._connection)
         return self._producer
 
     def _reset(self, broken: bool = False) -> None:
@@ -98,10 +98,11 @@ class Publisher:
                     self.settings.task_name,
                     args=[payload],
                     task_id=task_id_for(row_id),
-                    queue=self.settings.queue,
                     producer=self._get_producer(),
+                    # kombu's default would retry a lost broker three more times per row; the
+                    # poller's backoff retries the rows instead, and at once here means the
+                    # rest of the batch goes back unsent without waiting.
                     retry=False,
-                    add_to_parent=False,
                 )
             except Exception as exc:  # noqa: BLE001 - see "Where an error happens" above
                 if isinstance(exc, EncodeError):
