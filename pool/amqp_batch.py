@@ -80,13 +80,11 @@ class AmqpBatchPublisher(BatchPublisher):
             channel._basic_publish(message, **publish_kwargs)
             self._outstanding[self._next_tag] = row_id
             self._next_tag += 1
-        self._wait_for_confirms()
+        self._wait_for_confirms(producer.connection)
         error = f"RabbitMQ nacked {len(self._nacked)} message(s)" if self._nacked else None
         return set(self._confirmed), error
 
-    def _wait_for_confirms(self) -> None:
-        connection = self._connection
-        assert connection is not None
+    def _wait_for_confirms(self, connection: Any) -> None:
         until = time.monotonic() + CONFIRM_TIMEOUT
         while self._outstanding:
             remaining = until - time.monotonic()

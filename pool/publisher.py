@@ -51,24 +51,24 @@ class Publisher:
         self.settings = settings
         self.max_payload_bytes = settings.max_payload_bytes
         self.app = create_celery_app(settings)
-        self._connection = None
-        self._producer = None
+        self._producer = None  # with its connection (producer.connection), made on first use
 
     def _get_producer(self):
         if self._producer is None:
-            self._connection = with_short_timeouts(self.app.connection_for_write(), BROKER_IO_TIMEOUT)
-            self._connection.ensure_connection(max_retries=1)
-            self._producer = self.app.amqp.Producer(self._connection)
+            # Kept before connecting: should that fail, _reset() still has the connection to drop.
+            connection = with_short_timeouts(self.app.connection_for_write(), BROKER_IO_TIMEOUT)
+            self._producer = self.app.amqp.Producer(connection)
+            connection.ensure_connection(max_retries=1)
         return self._producer
 
     def _reset(self, broken: bool = False) -> None:
-        connection, self._connection, self._producer = self._connection, None, None
-        if connection is not None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
             # A broken connection may fail to close too; it is being dropped either way. Nor is
             # it asked to close: AMQP's close waits, without a timeout, for the broker's reply,
             # so a RabbitMQ that stopped answering would hang the poller for good.
             with contextlib.suppress(Exception):
-                connection.collect() if broken else connection.close()
+                producer.connection.collect() if broken else producer.connection.close()
 
     def build_payloads(self, rows: Sequence[ClaimedRow], result: PublishResult) -> list[Prepared]:
         """Every row that can be published, prepared; the others go to rejected."""
