@@ -10,7 +10,8 @@ import threading
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to an upstream. `cut()` refuses new connections and drops the
     open ones, as a stopped server would; `restore()` listens on the same port again. `hold()`
-    keeps the connections open but forwards nothing more, as a server that hangs would."""
+    keeps the connections open but forwards nothing more, as a server that hangs would.
+    `client_connections()` and `bytes_from_upstream` show what the client side does."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self.upstream = (upstream_host, upstream_port)
@@ -19,6 +20,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._flowing = threading.Event()
         self._flowing.set()
+        self.bytes_from_upstream = 0
         probe = socket.create_server(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
         probe.close()
@@ -51,6 +53,19 @@ class TcpProxy:
 
     close = cut
 
+    def client_connections(self) -> int:
+        """Connections to the proxy still open on the client's side, as the kernel sees them:
+        a client's close() ends its socket's ESTABLISHED state at once, before the proxy notices."""
+        established = "01"
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(table) as lines:
+                for line in list(lines)[1:]:
+                    _slot, _local, remote, state = line.split()[:4]
+                    if state == established and int(remote.rsplit(":", 1)[1], 16) == self.port:
+                        count += 1
+        return count
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -66,14 +81,18 @@ class TcpProxy:
             with self._lock:
                 self._connections += [client, upstream]
             for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+                threading.Thread(target=self._pump, args=(source, target, source is upstream),
+                                 daemon=True).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket, from_upstream: bool) -> None:
         try:
             while data := source.recv(65536):
                 self._flowing.wait()
                 if self._listener is None:  # cut while this data was held
                     return
+                if from_upstream:  # counted before the client can have it
+                    with self._lock:
+                        self.bytes_from_upstream += len(data)
                 target.sendall(data)
         except OSError:
             pass

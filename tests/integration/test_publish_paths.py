@@ -284,8 +284,10 @@ def test_amqp_confirms_that_never_come_end_the_batch_with_the_rows_unsent(amqp_u
         elapsed = time.monotonic() - started
         assert (result.accepted, result.unsent) == ([], [3, 4, 5])
         assert result.broker_error.startswith("TimeoutError")
-        # The confirm timeout, then the broken connection dropped without waiting for RabbitMQ.
+        # The confirm timeout, then the broken connection dropped without waiting for RabbitMQ,
+        # and dropped for good, not left open while the publisher makes a new one.
         assert 1.8 < elapsed < 6, f"{elapsed:.1f} s"
+        assert proxy.client_connections() == 0
         safety.cancel()
         proxy.cut()
         proxy.restore()  # RabbitMQ answers again: the same publisher sends
@@ -306,3 +308,45 @@ def test_redis_batch_messages_equal_send_task_messages_for_a_task_name_holding_p
     assert sent_task == sent_batch == [1, 2]
     assert by_batch == by_send_task
     assert {m["headers"]["task"] for m in by_batch} == {"app.tasks.100%_%(id)s%s"}
+
+
+def through_proxy(url: str) -> tuple[TcpProxy, str]:
+    """A TcpProxy in front of the broker of `url`, and the URL that goes through it."""
+    upstream = urlsplit(url)
+    proxy = TcpProxy(upstream.hostname, upstream.port)
+    return proxy, url.replace(f"{upstream.hostname}:{upstream.port}", f"127.0.0.1:{proxy.port}", 1)
+
+
+@pytest.mark.parametrize("path", ["send_task on Redis", "Redis batch", "RabbitMQ batch"])
+def test_a_closed_publisher_leaves_no_connection_to_the_broker_open(path, redis_url, amqp_url, queue_name):
+    """One connection per outage or per restart left open would pile up on the broker."""
+    proxy, url = through_proxy(amqp_url if "RabbitMQ" in path else redis_url)
+    settings = make_settings(broker_url=url, queue=queue_name)
+    publisher = Publisher(settings) if path.startswith("send_task") else create_publisher(settings)
+    try:
+        assert publisher.publish(rows(2)).accepted == [1, 2]
+        assert proxy.client_connections() > 0
+        publisher.close()
+        assert proxy.client_connections() == 0
+    finally:
+        publisher.close()
+        proxy.close()
+        if "RabbitMQ" in path:
+            amqp_messages(amqp_url, queue_name)
+
+
+def test_a_closed_amqp_publisher_says_goodbye_to_rabbitmq(amqp_url, queue_name):
+    """close() ends the connection with AMQP's close handshake, which RabbitMQ answers: a
+    connection just dropped is logged by RabbitMQ as closed unexpectedly, once per restart."""
+    proxy, url = through_proxy(amqp_url)
+    publisher = create_publisher(make_settings(broker_url=url, queue=queue_name))
+    try:
+        assert publisher.publish(rows(1)).accepted == [1]
+        answered = proxy.bytes_from_upstream
+        publisher.close()
+        assert proxy.bytes_from_upstream > answered, "RabbitMQ was sent no close to answer"
+        assert proxy.client_connections() == 0
+    finally:
+        publisher.close()
+        proxy.close()
+        amqp_messages(amqp_url, queue_name)
