@@ -88,6 +88,9 @@ class AmqpBatchPublisher(BatchPublisher):
         until = time.monotonic() + CONFIRM_TIMEOUT
         while self._outstanding:
             remaining = until - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no publisher confirm for {len(self._outstanding)} message(s)")
-            connection.drain_events(timeout=remaining)
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                connection.drain_events(timeout=remaining)
+            except TimeoutError:  # socket.timeout too: RabbitMQ sent nothing in the time left
+                raise TimeoutError(f"no publisher confirm for {len(self._outstanding)} message(s)") from None
