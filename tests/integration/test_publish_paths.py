@@ -351,3 +351,22 @@ def test_a_closed_amqp_publisher_says_goodbye_to_rabbitmq(amqp_url, queue_name):
         publisher.close()
         proxy.close()
         amqp_messages(amqp_url, queue_name)
+
+
+def test_a_queue_rabbitmq_refuses_to_declare_fails_the_batch_with_rabbitmqs_refusal(amqp_url, queue_name):
+    """The queue held exclusively by another client: RabbitMQ refuses its declare. The batch
+    ends at once with RabbitMQ's own refusal and its rows unsent, for the poller to retry; kombu
+    does not retry the declare behind its back (that would end in kombu's OperationalError, and
+    on a lost connection would publish on a new channel, one without the batch's confirm
+    tracking)."""
+    from kombu import Connection, Queue
+
+    publisher = create_publisher(make_settings(broker_url=amqp_url, queue=queue_name))
+    with Connection(amqp_url) as owner:
+        Queue(queue_name, exclusive=True, channel=owner.channel()).declare()
+        try:
+            result = publisher.publish(rows(3))
+        finally:
+            publisher.close()
+    assert (result.accepted, result.unsent) == ([], [1, 2, 3])
+    assert result.broker_error.startswith("ResourceLocked: Queue.declare: (405) RESOURCE_LOCKED")
