@@ -286,8 +286,9 @@ def test_amqp_confirms_that_never_come_end_the_batch_with_the_rows_unsent(amqp_u
         # What the rows' error says: no confirm, not the socket read's bare "timed out".
         assert result.broker_error == "TimeoutError: no publisher confirm for 3 message(s)"
         # The confirm timeout, then the broken connection dropped without waiting for RabbitMQ,
-        # and dropped for good, not left open while the publisher makes a new one.
-        assert 1.8 < elapsed < 6, f"{elapsed:.1f} s"
+        # and dropped for good, not left open while the publisher makes a new one. Under the
+        # socket's own read timeout (BROKER_IO_TIMEOUT, 5 s): the confirm timeout is what ends it.
+        assert 1.8 < elapsed < 4.5, f"{elapsed:.1f} s"
         assert proxy.client_connections() == 0
         safety.cancel()
         proxy.cut()
