@@ -65,8 +65,8 @@ class Publisher:
         producer, self._producer = self._producer, None
         if producer is not None:
             # A broken connection may fail to close too; it is being dropped either way. Nor is
-            # it asked to close: AMQP's close waits, without a timeout, for the broker's reply,
-            # so a RabbitMQ that stopped answering would hang the poller for good.
+            # it asked to close: AMQP's close waits for the broker's replies (for the channel,
+            # then the connection), which a RabbitMQ that stopped answering never sends.
             with contextlib.suppress(Exception):
                 producer.connection.collect() if broken else producer.connection.close()
 
