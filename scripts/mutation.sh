@@ -4,7 +4,7 @@
 # each one, then prints the score per module and writes the surviving mutants to
 # mutants/survivors.txt.
 #
-#   scripts/mutation.sh                         every core module, from scratch (about 2 hours)
+#   scripts/mutation.sh                         every core module, from scratch (~25 min, 2 cores)
 #   scripts/mutation.sh pool/backoff.py ...     only these modules' mutants
 #   scripts/mutation.sh --survivors             again only the mutants that survived last time
 #                                               (after adding tests; keeps the other verdicts)
