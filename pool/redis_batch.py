@@ -75,14 +75,18 @@ class MessageTemplate:
 
 
 class RedisBatchPublisher(BatchPublisher):
-    # Made anew with each connection (see send_batch): Celery's message as a template, the list
-    # kombu pushes it to, and a redis-py client on the channel's connection pool.
+    # Made anew with each connection: Celery's message as a template, the list kombu pushes it
+    # to, and a redis-py client on the channel's connection pool.
     _target: tuple[MessageTemplate, str, Any]
 
-    def _connect(self) -> tuple[MessageTemplate, str, Any]:
-        """A connection, and one message built on it by Celery and kombu, captured just before
-        kombu would push it."""
-        producer = self._get_producer()
+    def _get_producer(self):
+        if self._producer is None:
+            self._target = self._capture_target(super()._get_producer())
+        return self._producer
+
+    def _capture_target(self, producer: Any) -> tuple[MessageTemplate, str, Any]:
+        """One message built by Celery and kombu on a new connection, captured just before kombu
+        would push it."""
         channel = producer.channel
         captured: list[tuple[str, dict]] = []
 
@@ -119,9 +123,7 @@ class RedisBatchPublisher(BatchPublisher):
         })
 
     def send_batch(self, payloads: list[Prepared]) -> tuple[set[int], str | None]:
-        # No producer: the first batch, or the last connection failed or was closed (_reset).
-        if self._producer is None:
-            self._target = self._connect()
+        self._get_producer()
         template, list_key, client = self._target
         # kombu gives each message a uuid4 as its delivery tag; a fresh uuid4 per batch with the
         # message's position in its last 12 digits is as unique, at a tenth of the cost.
