@@ -1,9 +1,14 @@
 """`pool start`: spawn N pollers and one coordinator, restart the ones that die, drain on SIGTERM,
 reload settings on SIGHUP.
 
-Exit codes: 0 graceful stop, 1 a child could not start (or pool start itself failed; its
-pollers are stopped first), 2 configuration error,
-3 stopped at once by a second signal (in-flight batches were abandoned; their leases expire).
+No child's death takes the pool down: one killed from outside (a signal, the OOM killer) is
+restarted at once, at any moment including start-up; one that fails by itself before it is ready
+is restarted with a capped, doubling delay while the others keep working. Only a configuration
+error reported by a child stops `pool start`.
+
+Exit codes: 0 graceful stop, 1 pool start itself failed (its pollers are stopped first),
+2 configuration error, 3 stopped at once by a second signal (in-flight batches were abandoned;
+their leases expire).
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ EXIT_CHILD_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_FORCED = 3
 
-READY_TIMEOUT = 60.0
+# Children not all ready this long after start are named in a warning (once): a child that
+# keeps failing, or services that are down, leave pool start running but not ready.
+READY_WARNING_AFTER = 60.0
 RESTART_DELAY_CAP = 30.0
 # A child that lived at least this long is considered healthy; its restart delay starts over.
 HEALTHY_LIFETIME = 10.0
@@ -72,6 +79,10 @@ class Supervisor:
         self.metrics_port: int | None = None
         self.stop_deadline = float("inf")
         self.children: list[Child] = []
+        self.config_error = False  # a child reported one: everything stops, exit 2
+        self.announced_ready = False  # the "ready:" line, once every child first was ready
+        self.started_at = 0.0
+        self.warned_not_ready = False
 
     # --- signals -----------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -154,33 +165,6 @@ class Supervisor:
         child.restart_at = None
         child.ready = False
 
-    def _wait_ready(self, count: int) -> int:
-        """Wait for `count` ready events; returns an exit code if a child failed to come up."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        ready = 0
-        while ready < count:
-            if self.stopping:
-                return EXIT_OK
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                log.error("children did not report ready within %.0f s", READY_TIMEOUT)
-                return EXIT_CHILD_FAILED
-            waiting = [c.events for c in self.children if not c.ready and c.events is not None]
-            for kind, name, _pid, detail in self._receive(wait(waiting, timeout=min(remaining, 0.5))):
-                if kind == "fatal":
-                    log.error("%s: %s", name, detail)
-                    return EXIT_CONFIG
-                if name == "coordinator":
-                    self.metrics_port = detail
-                self._mark_ready(name)
-                ready += 1
-            dead = [c.name for c in self.children
-                    if not c.ready and c.process and c.process.exitcode is not None]
-            if dead:
-                log.error("%s exited before it was ready", ", ".join(dead))
-                return EXIT_CHILD_FAILED
-        return EXIT_OK
-
     @staticmethod
     def _receive(readable: list) -> list[tuple]:
         messages = []
@@ -206,6 +190,9 @@ class Supervisor:
         multiprocess.mark_process_dead(child.name)
         if self.stopping:
             return
+        if code == EXIT_CONFIG:  # it said why on its pipe, read before this
+            self.config_error = True
+            return
         lived = time.monotonic() - child.started_at
         # Only a child that keeps failing by itself (a non-zero exit) before it is ready is
         # crash-looping and gets a growing delay. One that was working, or that something else
@@ -217,19 +204,38 @@ class Supervisor:
         child.restart_at = time.monotonic() + child.restart_delay
         child.restart_delay = min(max(child.restart_delay * 2, 0.5), RESTART_DELAY_CAP)
 
-    def _mark_ready(self, name: str) -> None:
+    def _on_ready(self, name: str, pid: int, detail: Any) -> None:
         for child in self.children:
             if child.name == name:
                 child.ready = True
+        if name == "coordinator":
+            self.metrics_port = detail
+        if self.announced_ready:
+            log.info("%s (pid %d) ready again", name, pid)
+        elif all(c.ready for c in self.children):
+            self.announced_ready = True
+            log.info("ready: %d pollers, metrics on %s/metrics", self.settings.workers,
+                     listen_url(self.settings.metrics_host, self.metrics_port))
 
     def _drain_events(self) -> None:
         readers = [c.events for c in self.children if c.events is not None]
         for kind, name, pid, detail in self._receive(wait(readers, timeout=0)):
             if kind == "ready":
-                self._mark_ready(name)
-                log.info("%s (pid %d) ready again", name, pid)
+                self._on_ready(name, pid, detail)
+            elif kind == "fatal":  # a configuration error: restarting would fail the same way
+                log.error("%s: %s", name, detail)
+                self.config_error = True
             else:
                 log.error("%s: %s", name, detail)
+
+    def _warn_if_not_ready(self) -> None:
+        if self.announced_ready or self.warned_not_ready or self.stopping:
+            return
+        if time.monotonic() - self.started_at >= READY_WARNING_AFTER:
+            self.warned_not_ready = True
+            waiting = [c.name for c in self.children if not c.ready]
+            log.warning("not ready %.0f s after start: waiting for %s", READY_WARNING_AFTER,
+                        ", ".join(waiting))
 
     def _stop_all(self, deadline: float) -> bool:
         """SIGTERM everyone, wait until `deadline`; returns True if all stopped in time."""
@@ -267,16 +273,13 @@ class Supervisor:
                 Child(worker_slot(index), poller_main, (settings, index, settings.workers))
             )
         try:
+            self.started_at = time.monotonic()
             for child in self.children:
                 self._start(child)
-            code = self._wait_ready(len(self.children))
-            if code != EXIT_OK:
+            self._watch_until_stopped()
+            if self.config_error:
                 self._stop_all(time.monotonic() + self.shutdown_timeout)
-                return code
-            if not self.stopping:
-                log.info("ready: %d pollers, metrics on %s/metrics", settings.workers,
-                         listen_url(settings.metrics_host, self.metrics_port))
-                self._watch_until_stopped()
+                return EXIT_CONFIG
             clean = self._stop_all(self.stop_deadline)
             if self.signals_seen > 1:
                 return EXIT_FORCED
@@ -296,6 +299,8 @@ class Supervisor:
     def _watch_until_stopped(self) -> None:
         while True:
             self._watch_step()
+            if self.config_error:
+                return
             if self.stopping:
                 alive = [c for c in self.children if c.process is not None and c.process.exitcode is None]
                 if not alive or time.monotonic() >= self.stop_deadline:
@@ -307,12 +312,18 @@ class Supervisor:
         alive = [c for c in self.children if c.process is not None and c.process.exitcode is None]
         readers = [c.events for c in alive if c.events is not None]
         wait([c.process.sentinel for c in alive] + readers, timeout=0.5)
+        # Messages first: a child that reports a configuration error and exits is not restarted.
         self._drain_events()
+        if self.config_error:
+            return
+        self._warn_if_not_ready()
         now = time.monotonic()
         for child in self.children:
             process = child.process
             if process is not None and process.exitcode is not None and child.restart_at is None:
                 self._reap(child)
+                if self.config_error:
+                    return
                 if self.stopping:
                     child.process = None
             elif child.restart_at is not None and now >= child.restart_at and not self.stopping:

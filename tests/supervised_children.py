@@ -9,6 +9,7 @@ does at each of its starts, in order:
     "ready, then fail"  report ready, then exit 1 by itself
     "fail"              exit 1 by itself before it is ready
     "killed"            be killed by a signal (SIGKILL) before it is ready
+    "config error"      report a configuration error and exit 2, as a poller with bad settings
     "serve"             report ready and stop on SIGTERM, as a poller does
     "hang"              report ready and never stop on SIGTERM (a poller stuck in a batch)
 
@@ -61,6 +62,9 @@ def scripted_poller(_settings: Any, index: int, _shard_count: int, events: Conne
         sys.exit(1)
     if step == "killed":
         os.kill(os.getpid(), signal.SIGKILL)
+    if step == "config error":
+        events.send(("fatal", name, os.getpid(), "PULSE_EXAMPLE is not a valid setting"))
+        sys.exit(2)
     _ready(events, name)
     if step == "ready, then fail":
         sys.exit(1)

@@ -1,5 +1,6 @@
 """pool start's supervisor restarting its children: a crash loop backs off, a child that was working
-or was killed comes back at once, and the exit codes 1 and 3 (pool/supervisor.py).
+or was killed comes back at once, even before it was first ready; a configuration error
+stops it (exit 2); a child stuck past the shutdown timeout is killed (exit 3) (pool/supervisor.py).
 
 The real Supervisor runs in a process of its own with tiny scripted children
 (tests/supervised_children.py); what is checked is what an operator reads: its log lines and its
@@ -60,15 +61,30 @@ def test_a_crash_loop_backs_off_up_to_the_cap_and_a_working_or_killed_child_come
     assert "Traceback" not in process.output()
 
 
-def test_a_child_that_exits_before_it_is_first_ready_stops_pool_start_with_exit_1(tmp_path):
-    process = supervise(tmp_path, ["fail"])
+def test_a_child_failing_or_killed_before_it_is_first_ready_is_restarted_and_the_pool_becomes_ready(tmp_path):
+    process = supervise(tmp_path, ["fail", "killed", "fail", "serve"])
     try:
-        assert process.wait(timeout=60) == 1, process.output()
+        # Killed from outside: back at once; failing by itself: the doubling delay.
+        assert restarts(process, 3) == [(1, 0.0), (-signal.SIGKILL, 0.0), (1, 0.5)]
+        process.wait_for_line(r"ready: 1 pollers")
+        process.signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, process.output()
     finally:
         process.kill()
     output = process.output()
-    assert "poller-0 exited before it was ready" in output
-    assert "ready:" not in output and "restarting" not in output
+    assert "exited before it was ready" not in output
+    assert output.index("restarting in 0.5 s") < output.index("ready: 1 pollers")
+
+
+def test_a_configuration_error_reported_by_a_child_stops_pool_start_with_exit_2(tmp_path):
+    process = supervise(tmp_path, ["config error"])
+    try:
+        assert process.wait(timeout=30) == 2, process.output()
+    finally:
+        process.kill()
+    output = process.output()
+    assert "poller-0: PULSE_EXAMPLE is not a valid setting" in output
+    assert "restarting" not in output and "ready:" not in output
 
 
 def test_a_child_still_running_at_the_shutdown_deadline_is_killed_and_pool_start_exits_3(tmp_path):
