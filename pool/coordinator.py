@@ -19,7 +19,6 @@ import glob
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
@@ -195,8 +194,3 @@ def guard_for(settings: Settings, bound_address: str) -> RequestGuard:
     named = [settings.metrics_host] if ip_literal(settings.metrics_host) is None else []
     return RequestGuard(allowed_hosts=[*settings.http_allowed_hosts, *named], token=settings.http_token,
                         beyond_loopback=not is_loopback(bound_address))
-
-
-def ask_parent_to_reload() -> None:
-    """`pool start` (the coordinator's parent) reloads its settings on SIGHUP."""
-    os.kill(os.getppid(), signal.SIGHUP)

@@ -78,6 +78,8 @@ class Reporter(Protocol):
 
     def fatal(self, name: str, message: str) -> None: ...
 
+    def ask_reload(self) -> None: ...
+
     def on_reload(self, apply: Callable[[dict[str, Any]], None],
                   parent_gone: Callable[[], None] = lambda: None) -> None: ...
 
@@ -95,6 +97,11 @@ class PipeReporter:
 
     def fatal(self, name: str, message: str) -> None:
         self.events.send(("fatal", name, os.getpid(), message))
+
+    def ask_reload(self) -> None:
+        """Ask `pool start` to reload its settings (as its SIGHUP does). Over the pipe, not by a
+        signal to the parent: a child's parent is the fork server, not pool start."""
+        self.events.send(("reload", "coordinator", os.getpid(), None))
 
     def on_reload(self, apply: Callable[[dict[str, Any]], None],
                   parent_gone: Callable[[], None] = lambda: None) -> None:
@@ -114,6 +121,9 @@ class LogReporter:
 
     def fatal(self, name: str, message: str) -> None:
         raise ConfigError(message)
+
+    def ask_reload(self) -> None:
+        """Never called (supervised is False): a process manager restarts the program instead."""
 
     def on_reload(self, apply: Callable[[dict[str, Any]], None],
                   parent_gone: Callable[[], None] = lambda: None) -> None:
@@ -203,7 +213,7 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     _stop_on_signals(stop)
     setup_logging(settings.log_level, "coordinator", settings.log_format,
                   secret_urls=(settings.db_url, settings.broker_url))
-    from pool.coordinator import CoordinatorApp, ask_parent_to_reload, guard_for, poller_collector
+    from pool.coordinator import CoordinatorApp, guard_for, poller_collector
     from pool.http_address import listen_url, url_host
     from pool.http_server import BoundedWSGIServer
     from pool.queue_depth import QueueDepth
@@ -221,7 +231,7 @@ def coordinator_main(settings: Settings, events: Connection | Reporter) -> None:
     monitor = StatusMonitor(settings, store, depth, collector.collect, interval=settings.status_interval,
                             slot_member=lambda slot: current_member(folder, slot))
     pruning = _periodic_prune(settings, store)
-    app = CoordinatorApp(monitor, collector, ask_parent_to_reload if reporter.supervised else None)
+    app = CoordinatorApp(monitor, collector, reporter.ask_reload if reporter.supervised else None)
     try:
         server = BoundedWSGIServer(settings.metrics_host, settings.metrics_port, app, settings.http_timeout)
     except OSError as exc:

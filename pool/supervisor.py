@@ -50,6 +50,17 @@ RESTART_DELAY_CAP = 30.0
 HEALTHY_LIFETIME = 10.0
 # The slot file `pool start` holds in its metrics folder (beside its pollers' poller-K files).
 SUPERVISOR_SLOT = "pool-start"
+# Children are forked from a server process that imported these once: a child then costs a fork
+# and its own connections, not a fresh interpreter importing celery, kombu and SQLAlchemy (about
+# 1 CPU-s each). That server is a fresh interpreter too, started by pool start: it holds no
+# thread, connection, socket or logging handler to pass on, and each child builds its own after
+# it starts (the random module reseeds itself in a forked child).
+CHILD_PRELOAD = [
+    "celery", "kombu", "sqlalchemy", "psycopg", "redis", "prometheus_client",
+    "pool.process_main", "pool.poller", "pool.publisher", "pool.redis_batch", "pool.amqp_batch",
+    "pool.queue_depth", "pool.store.postgres", "pool.store.sqlite", "pool.shards",
+    "pool.coordinator", "pool.status", "pool.http_server",
+]
 
 
 @dataclass
@@ -74,7 +85,7 @@ class Supervisor:
         self.load_settings_again = load_settings_again
         self.reload_requested = False
         self.shutdown_timeout = settings.shutdown_timeout
-        self.ctx = multiprocessing.get_context("spawn")
+        self.ctx = multiprocessing.get_context("forkserver")
         self.signals_seen = 0
         self.metrics_port: int | None = None
         self.stop_deadline = float("inf")
@@ -144,6 +155,19 @@ class Supervisor:
         return self.signals_seen > 0
 
     # --- children ----------------------------------------------------------------
+    def _start_fork_server(self) -> None:
+        # After PROMETHEUS_MULTIPROC_DIR is set (prometheus_client reads it on import), and with
+        # the stop signals blocked: every child inherits the server's signal mask, so a SIGTERM
+        # waits for the child's own signal relay instead of killing it half-started.
+        from multiprocessing import forkserver
+
+        self.ctx.set_forkserver_preload(CHILD_PRELOAD)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
     def _start(self, child: Child) -> None:
         # Block signals while spawning so a SIGTERM cannot land between start() and bookkeeping.
         if child.events is not None:
@@ -222,6 +246,8 @@ class Supervisor:
         for kind, name, pid, detail in self._receive(wait(readers, timeout=0)):
             if kind == "ready":
                 self._on_ready(name, pid, detail)
+            elif kind == "reload":  # POST /-/reload on the coordinator
+                self.reload_requested = True
             elif kind == "fatal":  # a configuration error: restarting would fail the same way
                 log.error("%s: %s", name, detail)
                 self.config_error = True
@@ -273,6 +299,7 @@ class Supervisor:
                 Child(worker_slot(index), poller_main, (settings, index, settings.workers))
             )
         try:
+            self._start_fork_server()
             self.started_at = time.monotonic()
             for child in self.children:
                 self._start(child)
@@ -316,6 +343,8 @@ class Supervisor:
         self._drain_events()
         if self.config_error:
             return
+        if self.reload_requested and not self.stopping:
+            self._reload()
         self._warn_if_not_ready()
         now = time.monotonic()
         for child in self.children:
