@@ -34,8 +34,8 @@ def _stop_on_signals(stop: StopSignal) -> None:
     # Reloads come from the supervisor over the pipe; a hangup of the whole process group
     # (a closed terminal) must not end the children by default.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # The supervisor blocks it while spawning, and a spawned child inherits that mask (SIGTERM
-    # and SIGINT stay blocked: the relay takes them).
+    # Blocked in the fork server, whose mask every child of pool start inherits (SIGTERM and
+    # SIGINT stay blocked: the relay takes them; pool/fork_server.py).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 

@@ -56,6 +56,7 @@ SUPERVISOR_SLOT = "pool-start"
 # thread, connection, socket or logging handler to pass on, and each child builds its own after
 # it starts (the random module reseeds itself in a forked child).
 CHILD_PRELOAD = [
+    "pool.fork_server",  # first: the server's signal mask (see there)
     "celery", "kombu", "sqlalchemy", "psycopg", "redis", "prometheus_client",
     "pool.process_main", "pool.poller", "pool.publisher", "pool.redis_batch", "pool.amqp_batch",
     "pool.queue_depth", "pool.store.postgres", "pool.store.sqlite", "pool.shards",
@@ -156,17 +157,11 @@ class Supervisor:
 
     # --- children ----------------------------------------------------------------
     def _start_fork_server(self) -> None:
-        # After PROMETHEUS_MULTIPROC_DIR is set (prometheus_client reads it on import), and with
-        # the stop signals blocked: every child inherits the server's signal mask, so a SIGTERM
-        # waits for the child's own signal relay instead of killing it half-started.
+        # After PROMETHEUS_MULTIPROC_DIR is set: prometheus_client reads it on import.
         from multiprocessing import forkserver
 
         self.ctx.set_forkserver_preload(CHILD_PRELOAD)
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-        try:
-            forkserver.ensure_running()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        forkserver.ensure_running()
 
     def _start(self, child: Child) -> None:
         # Block signals while spawning so a SIGTERM cannot land between start() and bookkeeping.

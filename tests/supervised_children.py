@@ -50,7 +50,7 @@ def _ready(events: Connection, name: str, detail: Any = None) -> None:
 
 
 def _until_sigterm() -> None:
-    # The supervisor spawns its children with SIGTERM blocked, as pool's own children expect.
+    # Children start with SIGTERM blocked (the fork server's mask), as pool's own children expect.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     signal.sigwait({signal.SIGTERM})
 

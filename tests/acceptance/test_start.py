@@ -268,3 +268,45 @@ def test_pollers_stop_by_themselves_when_pool_start_is_killed(tmp_path):
     finally:
         pool.kill()
     assert "pool start is gone; stopping" in pool.output()
+
+
+def tcp_socket_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table, encoding="ascii") as lines:
+            next(lines)
+            inodes.update(line.split()[9] for line in lines)
+    return inodes
+
+
+def test_children_are_forked_from_a_server_that_holds_no_thread_or_connection_and_outlives_signals(tmp_path):
+    # What the fork server holds, every child would share: it may hold imports only.
+    env = clean_env()
+    assert run_pool("init-db", env=env, cwd=tmp_path).returncode == 0
+    pool = PoolProcess("start", "--workers", "2", "--metrics-port", "0", env=env, cwd=tmp_path)
+    try:
+        pollers = [int(pool.wait_for_line(rf"started poller-{i} \(pid (\d+)\)")[1]) for i in range(2)]
+        pool.wait_for_line(r"ready: 2 pollers")
+        parents = set()
+        for pid in pollers:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                parents.add(int(stat.read().rsplit(")", 1)[1].split()[1]))
+        (server,) = parents
+        with open(f"/proc/{server}/cmdline", encoding="utf-8") as cmdline:
+            assert "multiprocessing.forkserver" in cmdline.read()
+        assert len(os.listdir(f"/proc/{server}/task")) == 1, "the fork server runs a thread"
+        sockets = {os.readlink(f"/proc/{server}/fd/{fd}")[len("socket:["):-1]
+                   for fd in os.listdir(f"/proc/{server}/fd")
+                   if os.readlink(f"/proc/{server}/fd/{fd}").startswith("socket:[")}
+        assert not sockets & tcp_socket_inodes(), "the fork server holds a TCP connection"
+        # A signal to the whole process group (a closing terminal, supervisord's stopasgroup)
+        # must not end the server: a poller killed afterwards is still replaced.
+        os.kill(server, signal.SIGTERM)
+        os.kill(server, signal.SIGHUP)
+        os.kill(pollers[0], signal.SIGKILL)
+        replaced = int(pool.wait_for_line(r"poller-0 \(pid (\d+)\) ready again")[1])
+        assert replaced != pollers[0] and pid_running(pollers[1]) and pid_running(server)
+        pool.signal(signal.SIGTERM)
+        assert pool.wait(timeout=60) == 0, pool.output()
+    finally:
+        pool.kill()
