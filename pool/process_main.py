@@ -1,4 +1,4 @@
-"""Entry points of the child processes that `pool start` spawns: pollers and the coordinator.
+"""Entry points of the child processes that `pool start` forks: pollers and the coordinator.
 
 The same entry points run on their own under a process manager (`pool poller`, `pool coordinator`,
 see pool/standalone.py); a Reporter hides whether a supervisor's pipe is there to report to."""
