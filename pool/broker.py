@@ -55,6 +55,9 @@ def create_celery_app(settings: Settings, name: str = "pool") -> Celery:
 def with_short_timeouts(connection: Any, seconds: float) -> Any:
     """A clone of a kombu connection whose connect, and every read and write on its socket, give
     up after `seconds`: for calls that must not wait out a broker that went silent."""
+    if connection.transport.driver_type in ("filesystem", "memory"):
+        # No socket to time out; and kombu's clone() warns about the hostname they have not.
+        return connection
     return connection.clone(
         connect_timeout=seconds,
         transport_options={

@@ -131,16 +131,19 @@ def seed(settings: Any, count: int, chunk: int) -> None:
 def start(settings: Any, load_settings_again: Callable[[], Any]) -> None:
     """Start N pollers and the coordinator; SIGHUP reloads settings, SIGTERM drains and exits 0."""
     from pool.logs import setup_logging
-    from pool.supervisor import run_supervisor
+    from pool.supervisor import Supervisor
 
     setup_logging(settings.log_level, "pool", settings.log_format,
                   secret_urls=(settings.db_url, settings.broker_url))
     from pool.broker_check import warn_if_unreachable
 
-    with _store(settings):
-        pass  # reachable and prepared, or a one-line error and exit 2
-    warn_if_unreachable(settings)  # usable as configured, or a one-line error and exit 2
-    sys.exit(run_supervisor(settings, load_settings_again))
+    supervisor = Supervisor(settings, load_settings_again)
+    with supervisor.prepared():  # the fork server imports pool's libraries meanwhile
+        with _store(settings):
+            pass  # reachable and prepared, or a one-line error and exit 2
+        warn_if_unreachable(settings)  # usable as configured, or a one-line error and exit 2
+        code = supervisor.run()
+    sys.exit(code)
 
 
 # The standalone programs take the start flags that concern them.

@@ -22,7 +22,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -273,17 +273,37 @@ class Supervisor:
         return not late
 
     # --- main ----------------------------------------------------------------------
-    def run(self) -> int:
-        settings = self.settings
+    @contextlib.contextmanager
+    def prepared(self) -> Iterator[None]:
+        """Hold the metrics folder and start the fork server, for the length of the block.
+
+        `pool start` enters it before checking the database and the broker, so that the fork
+        server imports pool's libraries while those checks run, not after them."""
         owned_dir = None
         metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not metrics_dir:
             metrics_dir = owned_dir = tempfile.mkdtemp(prefix="pool-metrics-")
-        hold = hold_metrics_dir(metrics_dir)
-        reset_metrics_dir(metrics_dir)
-        # Children inherit this environment; it must be set before they import prometheus_client.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        try:
+            hold = hold_metrics_dir(metrics_dir)
+        except ConfigError:
+            if owned_dir:
+                shutil.rmtree(owned_dir, ignore_errors=True)
+            raise
+        try:
+            reset_metrics_dir(metrics_dir)
+            # Children inherit the fork server's environment; prometheus_client reads this on
+            # import, in the server.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            self._start_fork_server()
+            yield
+        finally:
+            hold.close()
+            if owned_dir:
+                shutil.rmtree(owned_dir, ignore_errors=True)
 
+    def run(self) -> int:
+        """Start the children and watch them until stopped; call it inside `prepared()`."""
+        settings = self.settings
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hangup)
@@ -294,7 +314,6 @@ class Supervisor:
                 Child(worker_slot(index), poller_main, (settings, index, settings.workers))
             )
         try:
-            self._start_fork_server()
             self.started_at = time.monotonic()
             for child in self.children:
                 self._start(child)
@@ -313,10 +332,6 @@ class Supervisor:
             log.error("pool start failed, stopping the pollers: %s: %s", type(exc).__name__, exc)
             self._stop_all(time.monotonic() + self.shutdown_timeout)
             return EXIT_CHILD_FAILED
-        finally:
-            hold.close()
-            if owned_dir:
-                shutil.rmtree(owned_dir, ignore_errors=True)
 
     def _watch_until_stopped(self) -> None:
         while True:
@@ -374,4 +389,6 @@ def hold_metrics_dir(path: str) -> SlotClaim:
 
 
 def run_supervisor(settings: Settings, load_settings_again: Callable[[], Settings] | None = None) -> int:
-    return Supervisor(settings, load_settings_again).run()
+    supervisor = Supervisor(settings, load_settings_again)
+    with supervisor.prepared():
+        return supervisor.run()

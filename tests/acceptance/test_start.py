@@ -79,8 +79,10 @@ def test_embedded_default_needs_no_configuration(tmp_path):
     seeded = run_pool("seed", "--count", str(ROWS), env=env, cwd=tmp_path)
     assert seeded.returncode == 0, seeded.stderr
     assert (tmp_path / "pulse_signals.db").exists()
-    relay_and_stop(env, tmp_path)
+    pool = relay_and_stop(env, tmp_path)
     assert_each_task_once(filesystem_messages(tmp_path / "pool_broker"))
+    # Nothing went wrong, so nothing warns (kombu warned of a hostname the filesystem lacks).
+    assert [line for line in pool.output().splitlines() if " WARNING " in line] == []
 
 
 def test_a_seed_shaped_table_made_by_plain_sql_is_taken_over_and_relayed(pg_url, redis_url, queue_name,
