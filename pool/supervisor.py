@@ -344,8 +344,6 @@ class Supervisor:
                     return
 
     def _watch_step(self) -> None:
-        if self.reload_requested and not self.stopping:
-            self._reload()
         alive = [c for c in self.children if c.process is not None and c.process.exitcode is None]
         readers = [c.events for c in alive if c.events is not None]
         wait([c.process.sentinel for c in alive] + readers, timeout=0.5)
@@ -353,7 +351,7 @@ class Supervisor:
         self._drain_events()
         if self.config_error:
             return
-        if self.reload_requested and not self.stopping:
+        if self.reload_requested and not self.stopping:  # SIGHUP, or asked over a pipe
             self._reload()
         self._warn_if_not_ready()
         now = time.monotonic()
