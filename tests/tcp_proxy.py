@@ -57,14 +57,8 @@ class TcpProxy:
         """Connections to the proxy still open on the client's side, as the kernel sees them:
         a client's close() ends its socket's ESTABLISHED state at once, before the proxy notices."""
         established = "01"
-        count = 0
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with contextlib.suppress(FileNotFoundError), open(table) as lines:
-                for line in list(lines)[1:]:
-                    _slot, _local, remote, state = line.split()[:4]
-                    if state == established and int(remote.rsplit(":", 1)[1], 16) == self.port:
-                        count += 1
-        return count
+        return sum(1 for _slot, _local, remote, state, *_rest in kernel_tcp_sockets()
+                   if state == established and int(remote.rsplit(":", 1)[1], 16) == self.port)
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -100,3 +94,13 @@ class TcpProxy:
             for sock in (source, target):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+def kernel_tcp_sockets() -> list[list[str]]:
+    """Every TCP socket of this machine's network namespace, as the fields of its line in
+    /proc/net/tcp and tcp6 (local and remote address, state, ..., inode in field 9)."""
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as lines:
+            rows += [line.split() for line in list(lines)[1:]]
+    return rows

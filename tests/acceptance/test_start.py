@@ -22,6 +22,7 @@ from tests.helpers import (
     run_pool,
     wait_until,
 )
+from tests.tcp_proxy import kernel_tcp_sockets
 
 ROWS = 5_000
 
@@ -272,15 +273,6 @@ def test_pollers_stop_by_themselves_when_pool_start_is_killed(tmp_path):
     assert "pool start is gone; stopping" in pool.output()
 
 
-def tcp_socket_inodes() -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table, encoding="ascii") as lines:
-            next(lines)
-            inodes.update(line.split()[9] for line in lines)
-    return inodes
-
-
 def test_children_are_forked_from_a_server_that_holds_no_thread_or_connection_and_outlives_signals(tmp_path):
     # What the fork server holds, every child would share: it may hold imports only.
     env = clean_env()
@@ -300,7 +292,8 @@ def test_children_are_forked_from_a_server_that_holds_no_thread_or_connection_an
         sockets = {os.readlink(f"/proc/{server}/fd/{fd}")[len("socket:["):-1]
                    for fd in os.listdir(f"/proc/{server}/fd")
                    if os.readlink(f"/proc/{server}/fd/{fd}").startswith("socket:[")}
-        assert not sockets & tcp_socket_inodes(), "the fork server holds a TCP connection"
+        tcp_inodes = {fields[9] for fields in kernel_tcp_sockets()}
+        assert not sockets & tcp_inodes, "the fork server holds a TCP connection"
         # A signal to the whole process group (a closing terminal, supervisord's stopasgroup)
         # must not end the server: a poller killed afterwards is still replaced.
         os.kill(server, signal.SIGTERM)
